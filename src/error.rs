@@ -1,0 +1,206 @@
+//! What can go wrong when asking Klavi for a token.
+//!
+//! Callers need the *category* (it decides the next attempt and is what
+//! `/readyz`, error bodies and metrics report); the variants keep the detail
+//! for the logs. No variant carries a key or a token.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The error categories of SPEC section 3, as reported to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Klavi answered 401 or 403.
+    CredentialsRejected,
+    /// Klavi answered 429.
+    RateLimited,
+    /// Klavi could not be reached, timed out or answered another error.
+    UpstreamUnavailable,
+    /// Klavi answered 2xx with something that is not a usable token.
+    InvalidResponse,
+}
+
+impl Category {
+    /// The snake_case name used in JSON bodies, logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CredentialsRejected => "credentials_rejected",
+            Self::RateLimited => "rate_limited",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::InvalidResponse => "invalid_response",
+        }
+    }
+}
+
+impl fmt::Display for Category {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a 2xx answer from Klavi was not a usable token.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidResponse {
+    /// The body is longer than the limit.
+    #[error("response body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body is not a JSON object.
+    #[error("response body is not a JSON object: {0}")]
+    NotJson(String),
+    /// `accessToken` is missing, empty or not a string.
+    #[error("response has no non-empty string accessToken")]
+    MissingToken,
+    /// An expiry field is present but unreadable.
+    #[error("unreadable expiry field {field}")]
+    BadExpiry {
+        /// The field name.
+        field: &'static str,
+    },
+    /// The token expired before it arrived.
+    #[error("token already expired on arrival ({seconds_ago:.0} s ago)")]
+    AlreadyExpired {
+        /// How long ago it expired, in seconds.
+        seconds_ago: f64,
+    },
+}
+
+/// A failed attempt to fetch a token.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// 401 or 403.
+    #[error("Klavi rejected the credentials (HTTP {status})")]
+    CredentialsRejected {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// 429.
+    #[error("Klavi is rate limiting us (HTTP 429)")]
+    RateLimited {
+        /// The parsed `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// Any other non-2xx status.
+    #[error("Klavi answered HTTP {status}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The parsed `Retry-After`, if any (honoured for 503 only).
+        retry_after: Option<Duration>,
+    },
+    /// No complete answer within `klavi.request_timeout_ms` (or the
+    /// connection within `klavi.connect_timeout_ms`).
+    #[error("request to Klavi timed out")]
+    Timeout,
+    /// Connection refused, reset, DNS failure, TLS failure and the like.
+    #[error("could not talk to Klavi: {0}")]
+    Transport(String),
+    /// A 2xx answer that is not a usable token.
+    #[error("invalid response from Klavi: {0}")]
+    Invalid(#[from] InvalidResponse),
+}
+
+impl FetchError {
+    /// The category of SPEC section 3's error table.
+    pub fn category(&self) -> Category {
+        match self {
+            Self::CredentialsRejected { .. } => Category::CredentialsRejected,
+            Self::RateLimited { .. } => Category::RateLimited,
+            Self::Status { .. } | Self::Timeout | Self::Transport(_) => {
+                Category::UpstreamUnavailable
+            }
+            Self::Invalid(_) => Category::InvalidResponse,
+        }
+    }
+
+    /// The `Retry-After` to honour: only 429 and 503 carry one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } => *retry_after,
+            Self::Status {
+                status: 503,
+                retry_after,
+            } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The HTTP status Klavi answered with, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::CredentialsRejected { status } | Self::Status { status, .. } => Some(*status),
+            Self::RateLimited { .. } => Some(429),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categories_and_retry_after_follow_the_error_table() {
+        let s = |status, retry_after| FetchError::Status {
+            status,
+            retry_after,
+        };
+        let d = Some(Duration::from_secs(3));
+        let cases: Vec<(FetchError, Category, Option<Duration>)> = vec![
+            (
+                FetchError::CredentialsRejected { status: 401 },
+                Category::CredentialsRejected,
+                None,
+            ),
+            (
+                FetchError::CredentialsRejected { status: 403 },
+                Category::CredentialsRejected,
+                None,
+            ),
+            (
+                FetchError::RateLimited { retry_after: d },
+                Category::RateLimited,
+                d,
+            ),
+            (s(503, d), Category::UpstreamUnavailable, d),
+            (s(500, d), Category::UpstreamUnavailable, None),
+            (s(404, None), Category::UpstreamUnavailable, None),
+            (FetchError::Timeout, Category::UpstreamUnavailable, None),
+            (
+                FetchError::Transport("reset".into()),
+                Category::UpstreamUnavailable,
+                None,
+            ),
+            (
+                InvalidResponse::MissingToken.into(),
+                Category::InvalidResponse,
+                None,
+            ),
+        ];
+        for (error, category, retry_after) in cases {
+            assert_eq!(error.category(), category, "{error}");
+            assert_eq!(error.retry_after(), retry_after, "{error}");
+        }
+    }
+
+    #[test]
+    fn category_names_are_the_spec_names() {
+        let json = serde_json::to_string(&[
+            Category::CredentialsRejected,
+            Category::RateLimited,
+            Category::UpstreamUnavailable,
+            Category::InvalidResponse,
+        ])
+        .unwrap_or_default();
+        assert_eq!(
+            json,
+            r#"["credentials_rejected","rate_limited","upstream_unavailable","invalid_response"]"#
+        );
+        assert_eq!(Category::RateLimited.to_string(), "rate_limited");
+    }
+}

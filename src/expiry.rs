@@ -1,0 +1,558 @@
+//! Reading Klavi's answer: the token and when it expires.
+//!
+//! Pure functions over bytes and times. [`parse_auth_body`] finds the token
+//! and every expiry hint in a response body; [`resolve`] turns the hints,
+//! the `Date` header and the local clock into one lifetime measured from the
+//! moment the request was sent.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::clock::{shift, unix_secs};
+use crate::error::InvalidResponse;
+use crate::policy::MAX_LIFETIME;
+use crate::secret::Secret;
+
+/// Response bodies longer than this are refused (SPEC section 3).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Numbers above this in `expireAt`/`expire` are milliseconds, not seconds.
+const MILLIS_THRESHOLD: f64 = 1e12;
+
+/// A `Date` header further than this from the local clock is clock skew.
+pub const SKEW_TOLERANCE_SECS: f64 = 5.0;
+
+/// What the body says about the expiry, before clocks are considered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpiryClaim {
+    /// An absolute time, unix seconds on Klavi's clock.
+    At {
+        /// Unix seconds.
+        unix: f64,
+        /// The field it came from.
+        field: &'static str,
+    },
+    /// Seconds from now (from when the request was sent).
+    In {
+        /// Seconds.
+        secs: f64,
+        /// The field it came from.
+        field: &'static str,
+    },
+}
+
+/// A parsed auth response body.
+#[derive(Debug, Clone)]
+pub struct AuthBody {
+    /// `accessToken`.
+    pub access_token: Secret,
+    /// The first expiry field found in the body, if any.
+    pub claim: Option<ExpiryClaim>,
+    /// The JWT's `exp` claim (unix seconds on Klavi's clock), if the token
+    /// is a JWT that carries one.
+    pub jwt_exp: Option<f64>,
+}
+
+/// Parses a response body of at most [`MAX_BODY_BYTES`].
+///
+/// Expiry fields, first found wins: `expireAt`, `expireIn`, `expiresIn`,
+/// `expire`. A field that is `null` counts as absent; one that is present
+/// but unreadable makes the response invalid rather than silently falling
+/// through to a guess.
+pub fn parse_auth_body(body: &[u8]) -> Result<AuthBody, InvalidResponse> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(InvalidResponse::TooLarge {
+            limit: MAX_BODY_BYTES,
+        });
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| InvalidResponse::NotJson(e.to_string()))?;
+    let Value::Object(object) = value else {
+        return Err(InvalidResponse::NotJson("not an object".into()));
+    };
+    let access_token = match object.get("accessToken") {
+        Some(Value::String(token)) if !token.trim().is_empty() => Secret::new(token.clone()),
+        _ => return Err(InvalidResponse::MissingToken),
+    };
+    let claim = expiry_claim(&object)?;
+    let jwt_exp = jwt_exp(access_token.expose());
+    Ok(AuthBody {
+        access_token,
+        claim,
+        jwt_exp,
+    })
+}
+
+fn expiry_claim(object: &Map<String, Value>) -> Result<Option<ExpiryClaim>, InvalidResponse> {
+    let present = |field: &str| object.get(field).filter(|v| !v.is_null());
+    if let Some(value) = present("expireAt") {
+        let unix = number(value).ok_or(InvalidResponse::BadExpiry { field: "expireAt" })?;
+        return Ok(Some(ExpiryClaim::At {
+            unix: seconds_or_millis(unix),
+            field: "expireAt",
+        }));
+    }
+    for field in ["expireIn", "expiresIn"] {
+        if let Some(value) = present(field) {
+            let secs = number(value).ok_or(InvalidResponse::BadExpiry { field })?;
+            return Ok(Some(ExpiryClaim::In { secs, field }));
+        }
+    }
+    if let Some(value) = present("expire") {
+        let unix = number(value)
+            .map(seconds_or_millis)
+            .or_else(|| value.as_str().and_then(rfc3339))
+            .ok_or(InvalidResponse::BadExpiry { field: "expire" })?;
+        return Ok(Some(ExpiryClaim::At {
+            unix,
+            field: "expire",
+        }));
+    }
+    Ok(None)
+}
+
+/// A finite JSON number, or a string holding one.
+fn number(value: &Value) -> Option<f64> {
+    let n = match value {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }?;
+    n.is_finite().then_some(n)
+}
+
+fn seconds_or_millis(value: f64) -> f64 {
+    if value > MILLIS_THRESHOLD {
+        value / 1000.0
+    } else {
+        value
+    }
+}
+
+fn rfc3339(text: &str) -> Option<f64> {
+    let parsed =
+        time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+            .ok()?;
+    Some(parsed.unix_timestamp_nanos() as f64 / 1e9)
+}
+
+/// The `exp` claim of a JWT, without verifying its signature (the sidecar
+/// only needs a hint of when Klavi will stop accepting it).
+pub fn jwt_exp(token: &str) -> Option<f64> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_f64()?;
+    exp.is_finite().then_some(exp)
+}
+
+/// The expiry of a token on the local clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resolved {
+    /// From the moment the request was sent to the expiry.
+    pub lifetime: Duration,
+    /// The expiry on the local clock (after any skew correction).
+    pub expire_at: SystemTime,
+    /// Where the expiry came from: a field name, `exp` or `fallback`.
+    pub source: &'static str,
+    /// Klavi's clock minus ours, in seconds, when beyond the tolerance.
+    pub skew_secs: Option<f64>,
+}
+
+/// The clocks around one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Local wall clock when the request was sent.
+    pub sent: SystemTime,
+    /// Local wall clock when the response arrived.
+    pub received: SystemTime,
+    /// The response's `Date` header, if it had a readable one.
+    pub date_header: Option<SystemTime>,
+}
+
+/// Places the token's expiry on the local clock.
+///
+/// Klavi's absolute times are moved by the skew its `Date` header shows
+/// (when more than [`SKEW_TOLERANCE_SECS`]); relative ones count from when
+/// the request was sent, so time on the wire only makes the token look
+/// older, never fresher. When the body and the JWT disagree, the earlier
+/// expiry wins; with neither, `fallback` is assumed. A token that expired
+/// before it arrived is an invalid response.
+pub fn resolve(
+    body: &AuthBody,
+    timing: Timing,
+    fallback: Duration,
+) -> Result<Resolved, InvalidResponse> {
+    let skew_secs = timing
+        .date_header
+        .map(|date| unix_secs(date) - unix_secs(timing.received))
+        .filter(|skew| skew.abs() > SKEW_TOLERANCE_SECS);
+    // Work in seconds from `sent`, clamped so absurd values stay far in the
+    // past or future instead of overflowing `SystemTime`.
+    let sent_unix = unix_secs(timing.sent);
+    let limit = 2.0 * MAX_LIFETIME.as_secs_f64();
+    let from_sent = |secs: f64| shift(timing.sent, secs.clamp(-limit, limit));
+    let on_local_clock = |unix: f64| from_sent(unix - skew_secs.unwrap_or(0.0) - sent_unix);
+
+    let from_body = body.claim.map(|claim| match claim {
+        ExpiryClaim::At { unix, field } => (on_local_clock(unix), field),
+        ExpiryClaim::In { secs, field } => (from_sent(secs), field),
+    });
+    let from_jwt = body.jwt_exp.map(|exp| (on_local_clock(exp), "exp"));
+    let (expire_at, source) = match (from_body, from_jwt) {
+        (Some(a), Some(b)) => {
+            if b.0 < a.0 {
+                b
+            } else {
+                a
+            }
+        }
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => (timing.sent + fallback, "fallback"),
+    };
+
+    if expire_at <= timing.received {
+        let seconds_ago = unix_secs(timing.received) - unix_secs(expire_at);
+        return Err(InvalidResponse::AlreadyExpired { seconds_ago });
+    }
+    let lifetime = expire_at
+        .duration_since(timing.sent)
+        .unwrap_or(Duration::ZERO)
+        .min(MAX_LIFETIME);
+    Ok(Resolved {
+        lifetime,
+        expire_at: timing.sent + lifetime,
+        source,
+        skew_secs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use std::time::UNIX_EPOCH;
+
+    const NOW: u64 = 1_752_053_547;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn jwt(claims: &str) -> String {
+        format!(
+            "{}.{}.c2lnbmF0dXJl",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims)
+        )
+    }
+
+    fn timing() -> Timing {
+        Timing {
+            sent: at(NOW),
+            received: at(NOW),
+            date_header: None,
+        }
+    }
+
+    /// Parses and resolves a body sent and received at NOW, fallback 300 s.
+    fn lifetime_of(body: &str) -> Result<(u64, &'static str), InvalidResponse> {
+        let parsed = parse_auth_body(body.as_bytes())?;
+        let resolved = resolve(&parsed, timing(), Duration::from_secs(300))?;
+        Ok((resolved.lifetime.as_secs(), resolved.source))
+    }
+
+    #[test]
+    fn every_expiry_form() {
+        let exp_in_100 = jwt(&format!(r#"{{"exp":{}}}"#, NOW + 100));
+        let exp_in_900 = jwt(&format!(r#"{{"exp":{}}}"#, NOW + 900));
+        let cases: Vec<(String, (u64, &str))> = vec![
+            // expireAt in seconds, in milliseconds, as a numeric string.
+            (
+                format!(r#"{{"accessToken":"t","expireAt":{}}}"#, NOW + 287),
+                (287, "expireAt"),
+            ),
+            (
+                format!(r#"{{"accessToken":"t","expireAt":{}}}"#, (NOW + 287) * 1000),
+                (287, "expireAt"),
+            ),
+            (
+                format!(r#"{{"accessToken":"t","expireAt":"{}"}}"#, NOW + 60),
+                (60, "expireAt"),
+            ),
+            // expireIn / expiresIn are relative.
+            (
+                r#"{"accessToken":"t","expireIn":120}"#.into(),
+                (120, "expireIn"),
+            ),
+            (
+                r#"{"accessToken":"t","expiresIn":"45"}"#.into(),
+                (45, "expiresIn"),
+            ),
+            (
+                r#"{"accessToken":"t","expiresIn":30.9}"#.into(),
+                (30, "expiresIn"),
+            ),
+            // expire: number, numeric string, milliseconds, RFC 3339.
+            (
+                format!(r#"{{"accessToken":"t","expire":{}}}"#, NOW + 10),
+                (10, "expire"),
+            ),
+            (
+                format!(r#"{{"accessToken":"t","expire":"{}"}}"#, NOW + 11),
+                (11, "expire"),
+            ),
+            (
+                format!(r#"{{"accessToken":"t","expire":{}}}"#, (NOW + 12) * 1000),
+                (12, "expire"),
+            ),
+            (
+                r#"{"accessToken":"t","expire":"2025-07-09T09:37:27Z"}"#.into(),
+                (300, "expire"),
+            ),
+            (
+                r#"{"accessToken":"t","expire":"2025-07-09T06:37:27-03:00"}"#.into(),
+                (300, "expire"),
+            ),
+            // The JWT's exp alone.
+            (format!(r#"{{"accessToken":"{exp_in_100}"}}"#), (100, "exp")),
+            // Nothing at all: the fallback.
+            (r#"{"accessToken":"t"}"#.into(), (300, "fallback")),
+            (
+                format!(r#"{{"accessToken":"{}"}}"#, jwt(r#"{"sub":"x"}"#)),
+                (300, "fallback"),
+            ),
+            // null counts as absent.
+            (
+                r#"{"accessToken":"t","expireAt":null,"expireIn":50}"#.into(),
+                (50, "expireIn"),
+            ),
+            // First found wins among body fields...
+            (
+                format!(
+                    r#"{{"accessToken":"t","expireAt":{},"expireIn":10}}"#,
+                    NOW + 200
+                ),
+                (200, "expireAt"),
+            ),
+            (
+                r#"{"accessToken":"t","expireIn":20,"expiresIn":10}"#.into(),
+                (20, "expireIn"),
+            ),
+            // ...but the JWT's exp wins where it is earlier.
+            (
+                format!(
+                    r#"{{"accessToken":"{exp_in_100}","expireAt":{}}}"#,
+                    NOW + 287
+                ),
+                (100, "exp"),
+            ),
+            (
+                format!(
+                    r#"{{"accessToken":"{exp_in_900}","expireAt":{}}}"#,
+                    NOW + 287
+                ),
+                (287, "expireAt"),
+            ),
+            (
+                format!(r#"{{"accessToken":"{exp_in_100}","expireIn":50}}"#),
+                (50, "expireIn"),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(lifetime_of(&body), Ok(expected), "{body}");
+        }
+    }
+
+    #[test]
+    fn invalid_bodies() {
+        let cases: Vec<(&str, InvalidResponse)> = vec![
+            ("", InvalidResponse::NotJson(String::new())),
+            ("<html>oops</html>", InvalidResponse::NotJson(String::new())),
+            ("[1,2]", InvalidResponse::NotJson(String::new())),
+            (r#""token""#, InvalidResponse::NotJson(String::new())),
+            ("{}", InvalidResponse::MissingToken),
+            (r#"{"accessToken":""}"#, InvalidResponse::MissingToken),
+            (r#"{"accessToken":"   "}"#, InvalidResponse::MissingToken),
+            (r#"{"accessToken":42}"#, InvalidResponse::MissingToken),
+            (r#"{"accessToken":null}"#, InvalidResponse::MissingToken),
+            (r#"{"access_token":"t"}"#, InvalidResponse::MissingToken),
+            (
+                r#"{"accessToken":"t","expireAt":"soon"}"#,
+                InvalidResponse::BadExpiry { field: "expireAt" },
+            ),
+            (
+                r#"{"accessToken":"t","expireAt":{}}"#,
+                InvalidResponse::BadExpiry { field: "expireAt" },
+            ),
+            (
+                r#"{"accessToken":"t","expireIn":true}"#,
+                InvalidResponse::BadExpiry { field: "expireIn" },
+            ),
+            (
+                r#"{"accessToken":"t","expire":"tomorrow"}"#,
+                InvalidResponse::BadExpiry { field: "expire" },
+            ),
+        ];
+        for (body, expected) in cases {
+            let got = lifetime_of(body);
+            let same_kind = match (&got, &expected) {
+                (Err(InvalidResponse::NotJson(_)), InvalidResponse::NotJson(_)) => true,
+                (Err(e), expected) => e == expected,
+                _ => false,
+            };
+            assert!(same_kind, "{body}: got {got:?}, expected {expected:?}");
+        }
+    }
+
+    #[test]
+    fn expired_on_arrival_is_invalid() {
+        for body in [
+            format!(r#"{{"accessToken":"t","expireAt":{}}}"#, NOW - 1),
+            format!(r#"{{"accessToken":"t","expireAt":{NOW}}}"#),
+            r#"{"accessToken":"t","expireIn":0}"#.to_string(),
+            r#"{"accessToken":"t","expireIn":-30}"#.to_string(),
+            format!(
+                r#"{{"accessToken":"{}","expireIn":60}}"#,
+                jwt(&format!(r#"{{"exp":{}}}"#, NOW - 5))
+            ),
+        ] {
+            assert!(
+                matches!(
+                    lifetime_of(&body),
+                    Err(InvalidResponse::AlreadyExpired { .. })
+                ),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_over_64_kib_is_refused() {
+        let padding = "x".repeat(MAX_BODY_BYTES);
+        let body = format!(r#"{{"accessToken":"t","pad":"{padding}"}}"#);
+        assert_eq!(
+            parse_auth_body(body.as_bytes()).map(|_| ()),
+            Err(InvalidResponse::TooLarge {
+                limit: MAX_BODY_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn lifetime_counts_from_the_moment_the_request_was_sent() {
+        // Sent at NOW, answered 3 s later with expireIn 60: 60 s from sending.
+        let body =
+            parse_auth_body(br#"{"accessToken":"t","expireIn":60}"#).map_err(|e| e.to_string());
+        let body = body.unwrap_or_else(|e| panic!("{e}"));
+        let timing = Timing {
+            sent: at(NOW),
+            received: at(NOW + 3),
+            date_header: None,
+        };
+        let resolved = resolve(&body, timing, Duration::from_secs(300));
+        assert_eq!(
+            resolved.map(|r| (r.lifetime, r.expire_at)),
+            Ok((Duration::from_secs(60), at(NOW + 60)))
+        );
+    }
+
+    #[test]
+    fn date_header_skew_table() {
+        // (Klavi's Date minus ours, expireAt relative to Klavi's now, expected
+        //  lifetime on our clock, skew reported)
+        let cases: Vec<(i64, u64, u64, Option<f64>)> = vec![
+            (0, 300, 300, None),
+            (5, 300, 305, None),              // within tolerance: taken as is
+            (-5, 300, 295, None),             // likewise
+            (600, 300, 300, Some(600.0)),     // Klavi 10 min ahead
+            (-600, 300, 300, Some(-600.0)),   // Klavi 10 min behind
+            (-3600, 300, 300, Some(-3600.0)), // Klavi an hour behind: would look expired
+        ];
+        for (skew, expire_in_klavi_time, expected, reported) in cases {
+            let klavi_now = (NOW as i64 + skew) as u64;
+            let body = format!(
+                r#"{{"accessToken":"t","expireAt":{}}}"#,
+                klavi_now + expire_in_klavi_time
+            );
+            let parsed = parse_auth_body(body.as_bytes())
+                .map_err(|e| e.to_string())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let timing = Timing {
+                sent: at(NOW),
+                received: at(NOW),
+                date_header: Some(at(klavi_now)),
+            };
+            let resolved = resolve(&parsed, timing, Duration::from_secs(300));
+            assert_eq!(
+                resolved.map(|r| (r.lifetime.as_secs(), r.skew_secs)),
+                Ok((expected, reported)),
+                "skew {skew}"
+            );
+        }
+    }
+
+    #[test]
+    fn skew_also_moves_the_jwt_exp_but_not_relative_expiries() {
+        // Klavi 1 h ahead; the JWT says exp = Klavi's now + 100.
+        let klavi_now = NOW + 3600;
+        let token = jwt(&format!(r#"{{"exp":{}}}"#, klavi_now + 100));
+        let parsed =
+            parse_auth_body(format!(r#"{{"accessToken":"{token}","expireIn":500}}"#).as_bytes())
+                .map_err(|e| e.to_string())
+                .unwrap_or_else(|e| panic!("{e}"));
+        let timing = Timing {
+            sent: at(NOW),
+            received: at(NOW),
+            date_header: Some(at(klavi_now)),
+        };
+        let resolved = resolve(&parsed, timing, Duration::from_secs(300));
+        assert_eq!(
+            resolved.map(|r| (r.lifetime.as_secs(), r.source)),
+            Ok((100, "exp"))
+        );
+    }
+
+    #[test]
+    fn absurd_expiries_are_clamped_not_panics() {
+        let body = r#"{"accessToken":"t","expireAt":1e300}"#;
+        // 1e300 is milliseconds by the rule, still absurd: clamped to the max.
+        assert_eq!(
+            lifetime_of(body).map(|(l, _)| l),
+            Ok(MAX_LIFETIME.as_secs())
+        );
+        let body = r#"{"accessToken":"t","expireIn":1e300}"#;
+        assert!(lifetime_of(body).is_ok());
+    }
+
+    #[test]
+    fn jwt_exp_table() {
+        let cases: Vec<(String, Option<f64>)> = vec![
+            (jwt(r#"{"exp":1752053847}"#), Some(1_752_053_847.0)),
+            (jwt(r#"{"exp":1752053847.5}"#), Some(1_752_053_847.5)),
+            (
+                format!("{}==", jwt(r#"{"exp":7}"#)).replace("==", ""),
+                Some(7.0),
+            ),
+            (jwt(r#"{"exp":"1752053847"}"#), None),
+            (jwt(r#"{"iat":1}"#), None),
+            (jwt("not json"), None),
+            ("a.b".into(), None),
+            ("a.b.c.d".into(), None),
+            ("opaque-token".into(), None),
+            ("a.!!!.c".into(), None),
+            (String::new(), None),
+        ];
+        for (token, expected) in cases {
+            assert_eq!(jwt_exp(&token), expected, "{token}");
+        }
+    }
+}
