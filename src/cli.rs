@@ -1,0 +1,235 @@
+//! The command line: parsing and dispatch, with SPEC section 1's exit codes
+//! (0 clean, 2 configuration error, 1 anything else), each failure one
+//! line on stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{Application, StartError};
+use crate::config::{self, Config, ConfigError, Overrides, Sources};
+use crate::fake_klavi::{DEMO_ACCESS_KEY, DEMO_SECRET_KEY, FakeKlavi, FakeKlaviConfig};
+use crate::{demo, healthcheck, shutdown, telemetry};
+
+/// Keeps a valid Klavi payment API token and serves it to apps in the same
+/// pod over loopback HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "klavi-token-sidecar", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file (also KLAVI_SIDECAR_CONFIG).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub flags: ServiceFlags,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Flags that override configuration keys (the top layer).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServiceFlags {
+    /// Token API address (server.listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Ops listener address, "" to turn it off (server.ops_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub ops_listen: Option<String>,
+    /// "text" or "json" (log.format).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl ServiceFlags {
+    fn or(self, outer: Self) -> Overrides {
+        Overrides {
+            listen: self.listen.or(outer.listen),
+            ops_listen: self.ops_listen.or(outer.ops_listen),
+            log_format: self.log_format.or(outer.log_format),
+        }
+    }
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (the default).
+    Run(ServiceFlags),
+    /// Run the service against an embedded fake Klavi (30-second tokens, no
+    /// credentials, no network).
+    Demo(ServiceFlags),
+    /// Run the fake Klavi alone.
+    FakeKlavi(FakeKlaviArgs),
+    /// Validate the configuration and print it, secrets redacted.
+    CheckConfig(ServiceFlags),
+    /// GET the ops listener's /readyz: exit 0 if 200, else 1.
+    Healthcheck(HealthcheckArgs),
+}
+
+/// `fake-klavi` options.
+#[derive(Debug, Args)]
+pub struct FakeKlaviArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8088", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Lifetime of issued tokens, seconds.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub token_ttl: u64,
+    /// The accepted access key.
+    #[arg(long, default_value = DEMO_ACCESS_KEY, value_name = "K")]
+    pub access_key: String,
+    /// The accepted secret key.
+    #[arg(long, default_value = DEMO_SECRET_KEY, value_name = "S")]
+    pub secret_key: String,
+}
+
+/// `healthcheck` options.
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// URL to probe; default: the ops listener's /readyz from the
+    /// configuration (loopback when it listens on all interfaces).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+}
+
+/// Exit status for a configuration error.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status for any other fatal error.
+pub const EXIT_FAILURE: u8 = 1;
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("klavi-token-sidecar: {message}");
+    ExitCode::from(code)
+}
+
+fn config_failure(error: &ConfigError) -> ExitCode {
+    fail(EXIT_CONFIG, format!("configuration error: {error}"))
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // Two workers: a sidecar lives on a fraction of a CPU beside the app.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
+    };
+    let outer = cli.flags;
+    match cli.command {
+        None => runtime.block_on(run(Sources::from_process(
+            cli.config,
+            outer.or(ServiceFlags::default()),
+        ))),
+        Some(Command::Run(flags)) => {
+            runtime.block_on(run(Sources::from_process(cli.config, flags.or(outer))))
+        }
+        Some(Command::Demo(flags)) => {
+            runtime.block_on(run_demo(Sources::from_process(cli.config, flags.or(outer))))
+        }
+        Some(Command::FakeKlavi(args)) => runtime.block_on(run_fake(args)),
+        Some(Command::CheckConfig(flags)) => {
+            check_config(&Sources::from_process(cli.config, flags.or(outer)))
+        }
+        Some(Command::Healthcheck(args)) => {
+            let sources = Sources::from_process(cli.config, Overrides::default());
+            runtime.block_on(healthcheck::run(args.url, &sources))
+        }
+    }
+}
+
+async fn run(sources: Sources) -> ExitCode {
+    match config::load(&sources) {
+        Ok(config) => serve(config, None).await,
+        Err(error) => config_failure(&error),
+    }
+}
+
+async fn serve(config: Config, fake: Option<FakeKlavi>) -> ExitCode {
+    telemetry::init(config.log);
+    let app = match Application::build(config).await {
+        Ok(app) => app,
+        Err(StartError::Config(error)) => return config_failure(&error),
+        Err(error) => return fail(EXIT_FAILURE, error),
+    };
+    if fake.is_some() {
+        demo::banner(app.token_addr(), app.ops_addr());
+    }
+    app.run_until_stopped(shutdown::on_signals()).await;
+    if let Some(fake) = fake {
+        fake.stop().await;
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run_demo(sources: Sources) -> ExitCode {
+    let fake = match FakeKlavi::start_local(FakeKlaviConfig {
+        token_ttl: demo::TOKEN_TTL,
+        ..FakeKlaviConfig::default()
+    })
+    .await
+    {
+        Ok(fake) => fake,
+        Err(error) => {
+            return fail(
+                EXIT_FAILURE,
+                format!("cannot start the fake Klavi: {error}"),
+            );
+        }
+    };
+    match demo::config(&sources, &fake.base_url()) {
+        Ok(config) => serve(config, Some(fake)).await,
+        Err(error) => config_failure(&error),
+    }
+}
+
+async fn run_fake(args: FakeKlaviArgs) -> ExitCode {
+    telemetry::init(config::LogFormat::Text);
+    let config = FakeKlaviConfig {
+        token_ttl: Duration::from_secs(args.token_ttl),
+        access_key: args.access_key,
+        secret_key: args.secret_key,
+    };
+    let fake = match FakeKlavi::start(args.listen, config).await {
+        Ok(fake) => fake,
+        Err(error) => {
+            return fail(
+                EXIT_FAILURE,
+                format!("cannot listen on {}: {error}", args.listen),
+            );
+        }
+    };
+    tracing::info!(
+        url = %format!("{}{}", fake.base_url(), crate::fake_klavi::AUTH_PATH),
+        token_ttl_secs = args.token_ttl,
+        "fake Klavi listening"
+    );
+    fake.run_until(shutdown::on_signals()).await;
+    ExitCode::SUCCESS
+}
+
+fn check_config(sources: &Sources) -> ExitCode {
+    match config::load(sources) {
+        Ok(config) => {
+            let file = sources
+                .config_file()
+                .map_or_else(|| "none".to_string(), |p| p.display().to_string());
+            println!(
+                "# klavi-token-sidecar: configuration is valid (file: {file}); secrets redacted"
+            );
+            print!("{}", config.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Err(error) => config_failure(&error),
+    }
+}

@@ -1,0 +1,459 @@
+//! A fake Klavi auth endpoint, owned by the project.
+//!
+//! It backs the `demo` and `fake-klavi` commands and every test that needs
+//! an upstream. By default it issues JWT-shaped tokens (unsigned in any
+//! meaningful way: the signature is random bytes) to the one configured key
+//! pair and answers 401 to any other. Tests script it: each queued
+//! [`Outcome`] answers one request — a token, an error status with
+//! `Retry-After`, a raw body, a delay, a hang, a connection reset, a skewed
+//! `Date` — after which the default outcome applies again.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Access key the demo uses; not a real Klavi key.
+pub const DEMO_ACCESS_KEY: &str = "demo-access-key";
+/// Secret key the demo uses; not a real Klavi key.
+pub const DEMO_SECRET_KEY: &str = "demo-secret-key";
+/// The path the fake answers on (Klavi's auth path).
+pub const AUTH_PATH: &str = "/payment/customer/v1/auth";
+
+/// How the fake answers by default.
+#[derive(Debug, Clone)]
+pub struct FakeKlaviConfig {
+    /// Lifetime of issued tokens.
+    pub token_ttl: Duration,
+    /// The accepted access key.
+    pub access_key: String,
+    /// The accepted secret key.
+    pub secret_key: String,
+}
+
+impl Default for FakeKlaviConfig {
+    fn default() -> Self {
+        Self {
+            token_ttl: Duration::from_secs(30),
+            access_key: DEMO_ACCESS_KEY.into(),
+            secret_key: DEMO_SECRET_KEY.into(),
+        }
+    }
+}
+
+/// What to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// A new token (if the keys match; else 401). `ttl` overrides the
+    /// configured lifetime.
+    Token {
+        /// Lifetime, or the configured one.
+        ttl: Option<Duration>,
+    },
+    /// The token issued last, with its original expiry.
+    SameToken,
+    /// An error status, with an optional `Retry-After` value.
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// `Retry-After`, verbatim.
+        retry_after: Option<String>,
+    },
+    /// A raw body with this status (`application/json` content type).
+    Raw {
+        /// The HTTP status.
+        status: u16,
+        /// The body.
+        body: Vec<u8>,
+    },
+    /// Never answer (until the fake stops).
+    Hang,
+    /// Close the connection without answering.
+    Reset,
+}
+
+/// One scripted answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// What to answer.
+    pub reply: Reply,
+    /// Wait this long first.
+    pub delay: Duration,
+    /// Send a `Date` header this many seconds off the real clock.
+    pub date_skew_secs: i64,
+}
+
+impl Outcome {
+    /// A token of the configured lifetime.
+    pub fn token() -> Self {
+        Self::from(Reply::Token { ttl: None })
+    }
+
+    /// A token of this lifetime.
+    pub fn token_ttl(ttl: Duration) -> Self {
+        Self::from(Reply::Token { ttl: Some(ttl) })
+    }
+
+    /// An error status.
+    pub fn status(status: u16) -> Self {
+        Self::from(Reply::Status {
+            status,
+            retry_after: None,
+        })
+    }
+
+    /// An error status with `Retry-After`.
+    pub fn status_retry_after(status: u16, retry_after: &str) -> Self {
+        Self::from(Reply::Status {
+            status,
+            retry_after: Some(retry_after.into()),
+        })
+    }
+
+    /// A raw 200 body.
+    pub fn body(body: impl Into<Vec<u8>>) -> Self {
+        Self::from(Reply::Raw {
+            status: 200,
+            body: body.into(),
+        })
+    }
+
+    /// The same answer after `delay`.
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// The same answer with a `Date` header `secs` off.
+    pub fn skewed(mut self, secs: i64) -> Self {
+        self.date_skew_secs = secs;
+        self
+    }
+}
+
+impl From<Reply> for Outcome {
+    fn from(reply: Reply) -> Self {
+        Self {
+            reply,
+            delay: Duration::ZERO,
+            date_skew_secs: 0,
+        }
+    }
+}
+
+/// A request the fake received (for tests to inspect).
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Request headers.
+    pub headers: HeaderMap,
+    /// Request body.
+    pub body: Bytes,
+}
+
+#[derive(Debug)]
+struct State {
+    config: FakeKlaviConfig,
+    script: Mutex<VecDeque<Outcome>>,
+    default: Mutex<Outcome>,
+    calls: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+    issued: AtomicU64,
+    last_token: Mutex<Option<(String, u64)>>,
+    last_request: Mutex<Option<Recorded>>,
+    stop: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running fake Klavi.
+#[derive(Debug)]
+pub struct FakeKlavi {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeKlavi {
+    /// Binds `listen` and serves until [`FakeKlavi::stop`].
+    pub async fn start(listen: SocketAddr, config: FakeKlaviConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            config,
+            script: Mutex::new(VecDeque::new()),
+            default: Mutex::new(Outcome::token()),
+            calls: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+            issued: AtomicU64::new(0),
+            last_token: Mutex::new(None),
+            last_request: Mutex::new(None),
+            stop: CancellationToken::new(),
+        });
+        let task = tokio::spawn(serve(listener, Arc::clone(&state)));
+        Ok(Self { addr, state, task })
+    }
+
+    /// Starts on a random loopback port.
+    pub async fn start_local(config: FakeKlaviConfig) -> std::io::Result<Self> {
+        Self::start(SocketAddr::from(([127, 0, 0, 1], 0)), config).await
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, to use as `klavi.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Queues outcomes for the next requests.
+    pub fn push(&self, outcomes: impl IntoIterator<Item = Outcome>) {
+        lock(&self.state.script).extend(outcomes);
+    }
+
+    /// Sets the answer once the queue is empty.
+    pub fn set_default(&self, outcome: Outcome) {
+        *lock(&self.state.default) = outcome;
+    }
+
+    /// Auth requests received so far.
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// The most auth requests ever in flight at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Tokens issued so far.
+    pub fn issued(&self) -> u64 {
+        self.state.issued.load(Ordering::SeqCst)
+    }
+
+    /// The last token issued.
+    pub fn last_token(&self) -> Option<String> {
+        lock(&self.state.last_token)
+            .as_ref()
+            .map(|(t, _)| t.clone())
+    }
+
+    /// The last auth request received.
+    pub fn last_request(&self) -> Option<Recorded> {
+        lock(&self.state.last_request).clone()
+    }
+
+    /// Stops serving and closes every connection.
+    pub async fn stop(self) {
+        self.state.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Serves until `shutdown` is cancelled (the `fake-klavi` command).
+    pub async fn run_until(self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        self.stop().await;
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            () = state.stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let service = service_fn(move |request| handle(Arc::clone(&state), request));
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(TokioTimer::new());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(connection);
+    }
+    // Hanging handlers end with the stop signal; give the rest a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+/// The error that makes hyper drop the connection without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("scripted connection reset")]
+struct ScriptedReset;
+
+type FakeResponse = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> FakeResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+struct InFlight<'a>(&'a State);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    request: Request<Incoming>,
+) -> Result<FakeResponse, ScriptedReset> {
+    if request.uri().path() != AUTH_PATH {
+        return Ok(json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not found"}),
+        ));
+    }
+    if request.method() != Method::POST {
+        return Ok(json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": "method not allowed"}),
+        ));
+    }
+    state.calls.fetch_add(1, Ordering::SeqCst);
+    let now_in_flight = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state
+        .max_in_flight
+        .fetch_max(now_in_flight, Ordering::SeqCst);
+    let _in_flight = InFlight(&state);
+
+    let (parts, body) = request.into_parts();
+    let Ok(body) = Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+    else {
+        return Ok(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "bad body"}),
+        ));
+    };
+    *lock(&state.last_request) = Some(Recorded {
+        headers: parts.headers,
+        body: body.clone(),
+    });
+
+    let outcome = lock(&state.script)
+        .pop_front()
+        .unwrap_or_else(|| lock(&state.default).clone());
+    if !outcome.delay.is_zero() {
+        tokio::select! {
+            () = state.stop.cancelled() => return Err(ScriptedReset),
+            () = tokio::time::sleep(outcome.delay) => {}
+        }
+    }
+    let mut response = match outcome.reply {
+        Reply::Token { ttl } => match check_keys(&state.config, &body) {
+            Ok(()) => issue_token(&state, ttl.unwrap_or(state.config.token_ttl)),
+            Err(response) => *response,
+        },
+        Reply::SameToken => {
+            let last = lock(&state.last_token).clone();
+            match last {
+                Some((token, expire_at)) => json_response(
+                    StatusCode::OK,
+                    &json!({"accessToken": token, "expireAt": expire_at}),
+                ),
+                None => issue_token(&state, state.config.token_ttl),
+            }
+        }
+        Reply::Status {
+            status,
+            retry_after,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = json_response(status, &json!({"error": status.as_u16()}));
+            if let Some(value) = retry_after.and_then(|v| http::HeaderValue::from_str(&v).ok()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
+        Reply::Raw { status, body } => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Reply::Hang => {
+            state.stop.cancelled().await;
+            return Err(ScriptedReset);
+        }
+        Reply::Reset => return Err(ScriptedReset),
+    };
+    let date = crate::clock::shift(SystemTime::now(), outcome.date_skew_secs as f64);
+    if let Ok(value) = http::HeaderValue::from_str(&httpdate::fmt_http_date(date)) {
+        response.headers_mut().insert(header::DATE, value);
+    }
+    Ok(response)
+}
+
+fn check_keys(config: &FakeKlaviConfig, body: &[u8]) -> Result<(), Box<FakeResponse>> {
+    let request: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        Box::new(json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "body is not JSON"}),
+        ))
+    })?;
+    let matches = request.get("accessKey").and_then(|v| v.as_str()) == Some(&config.access_key)
+        && request.get("secretKey").and_then(|v| v.as_str()) == Some(&config.secret_key);
+    if matches {
+        Ok(())
+    } else {
+        Err(Box::new(json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": "invalid accessKey or secretKey"}),
+        )))
+    }
+}
+
+fn issue_token(state: &State, ttl: Duration) -> FakeResponse {
+    let n = state.issued.fetch_add(1, Ordering::SeqCst) + 1;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let expire_at = now + ttl.as_secs();
+    let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"JWT"}"#);
+    let claims = json!({"iss": "fake-klavi", "iat": now, "exp": expire_at, "jti": n});
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signature = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let token = format!("{header}.{payload}.{signature}");
+    *lock(&state.last_token) = Some((token.clone(), expire_at));
+    json_response(
+        StatusCode::OK,
+        &json!({"accessToken": token, "expireAt": expire_at}),
+    )
+}

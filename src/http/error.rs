@@ -1,0 +1,209 @@
+//! Every error the HTTP API answers, as one enum mapped to a status and a
+//! `{"error": CODE, "message": TEXT, …}` body. Internal detail stays in the
+//! logs.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use crate::error::Category;
+use crate::store::{Unavailable, UnavailableReason};
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// Token route without `Klavi-Sidecar: true`.
+    MissingHeader,
+    /// Token route with `X-Forwarded-For` or `Forwarded`.
+    ProxiedRequest,
+    /// `min_ttl` is not a non-negative integer.
+    InvalidMinTtl,
+    /// No servable token could be had in time.
+    TokenUnavailable(Unavailable),
+    /// A forced refresh failed.
+    UpstreamError(Unavailable),
+    /// No such route.
+    NotFound,
+    /// Route exists, method does not; the `Allow` header is kept.
+    MethodNotAllowed,
+    /// The request took longer than the server allows.
+    RequestTimeout,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Body {
+    error: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<Option<Category>>,
+}
+
+fn unavailable_message(u: &Unavailable, forced: bool) -> String {
+    let what = if forced {
+        "the forced refresh failed"
+    } else {
+        "no token with enough time left is available"
+    };
+    let why = match u.reason {
+        UnavailableReason::Timeout => "the fetch from Klavi did not finish within refresh.wait_ms",
+        UnavailableReason::Failed => {
+            "the last attempt to fetch a token from Klavi failed and the next one is not due yet"
+        }
+        UnavailableReason::TaskStopped => "the refresh task is not running",
+        UnavailableReason::MinTtlTooLong => "min_ttl is longer than a fresh token lives",
+    };
+    format!("{what}: {why}; see lastError and retry after Retry-After seconds")
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingHeader | Self::ProxiedRequest => StatusCode::FORBIDDEN,
+            Self::InvalidMinTtl => StatusCode::BAD_REQUEST,
+            Self::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamError(_) => StatusCode::BAD_GATEWAY,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    fn body(&self) -> Body {
+        let plain = |error, message: &str| Body {
+            error,
+            message: message.to_string(),
+            last_error: None,
+        };
+        match self {
+            Self::MissingHeader => plain(
+                "missing_header",
+                "token requests must carry the header 'Klavi-Sidecar: true' (a guard against \
+                 SSRF and browsers); add it to the request",
+            ),
+            Self::ProxiedRequest => plain(
+                "proxied_request",
+                "requests carrying X-Forwarded-For or Forwarded are refused: the token is only \
+                 for apps in this pod, never for proxied callers",
+            ),
+            Self::InvalidMinTtl => plain(
+                "invalid_min_ttl",
+                "min_ttl must be a non-negative whole number of seconds, e.g. ?min_ttl=60",
+            ),
+            Self::TokenUnavailable(u) => Body {
+                error: "token_unavailable",
+                message: unavailable_message(u, false),
+                last_error: Some(u.last_error),
+            },
+            Self::UpstreamError(u) => Body {
+                error: "upstream_error",
+                message: unavailable_message(u, true),
+                last_error: Some(u.last_error),
+            },
+            Self::NotFound => plain(
+                "not_found",
+                "no such route; the API is described in openapi.yaml",
+            ),
+            Self::MethodNotAllowed => plain(
+                "method_not_allowed",
+                "this route does not accept that method; the Allow header lists the ones it does",
+            ),
+            Self::RequestTimeout => plain("request_timeout", "the request took too long"),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::TokenUnavailable(u) | Self::UpstreamError(u) => Some(u.retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, rounded up, at least one.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(error: ApiError) -> (StatusCode, Option<String>, serde_json::Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let retry = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, retry, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_error_has_a_code_a_message_and_the_right_status() {
+        let unavailable = Unavailable {
+            reason: UnavailableReason::Failed,
+            last_error: Some(Category::CredentialsRejected),
+            retry_after: Duration::from_millis(2500),
+        };
+        let no_error = Unavailable {
+            reason: UnavailableReason::Timeout,
+            last_error: None,
+            retry_after: Duration::ZERO,
+        };
+        let cases = [
+            (ApiError::MissingHeader, 403, "missing_header", None),
+            (ApiError::ProxiedRequest, 403, "proxied_request", None),
+            (ApiError::InvalidMinTtl, 400, "invalid_min_ttl", None),
+            (
+                ApiError::TokenUnavailable(unavailable),
+                503,
+                "token_unavailable",
+                Some("3"),
+            ),
+            (
+                ApiError::TokenUnavailable(no_error),
+                503,
+                "token_unavailable",
+                Some("1"),
+            ),
+            (
+                ApiError::UpstreamError(unavailable),
+                502,
+                "upstream_error",
+                Some("3"),
+            ),
+            (ApiError::NotFound, 404, "not_found", None),
+            (ApiError::MethodNotAllowed, 405, "method_not_allowed", None),
+            (ApiError::RequestTimeout, 408, "request_timeout", None),
+        ];
+        for (error, status, code, retry) in cases {
+            let (got_status, got_retry, body) = render(error.clone()).await;
+            assert_eq!(got_status.as_u16(), status, "{error:?}");
+            assert_eq!(got_retry.as_deref(), retry, "{error:?}");
+            assert_eq!(body["error"], code);
+            assert!(body["message"].as_str().is_some_and(|m| m.len() > 10));
+        }
+        let (_, _, body) = render(ApiError::TokenUnavailable(unavailable)).await;
+        assert_eq!(body["lastError"], "credentials_rejected");
+        let (_, _, body) = render(ApiError::TokenUnavailable(no_error)).await;
+        assert!(body["lastError"].is_null() && body.as_object().unwrap().contains_key("lastError"));
+        let (_, _, body) = render(ApiError::NotFound).await;
+        assert!(!body.as_object().unwrap().contains_key("lastError"));
+    }
+}

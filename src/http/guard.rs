@@ -1,0 +1,41 @@
+//! The token routes' guard against SSRF and browsers.
+//!
+//! An app that can be tricked into fetching a URL (SSRF) or a web page
+//! that makes the browser call `localhost` cannot add a custom header, and
+//! a request that passed through a proxy is not from an app in this pod.
+//! Every token response is also marked `Cache-Control: no-store`.
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
+
+use super::ApiError;
+
+/// The header token requests must carry, with the value `true`.
+pub const REQUIRED_HEADER: &str = "klavi-sidecar";
+
+/// Checks the headers, then marks the answer as not cacheable.
+pub async fn token_route_guard(
+    State(require_header): State<bool>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let mut response =
+        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+            ApiError::ProxiedRequest.into_response()
+        } else if require_header
+            && !headers
+                .get(REQUIRED_HEADER)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+        {
+            ApiError::MissingHeader.into_response()
+        } else {
+            next.run(request).await
+        };
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

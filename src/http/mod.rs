@@ -1,0 +1,274 @@
+//! The HTTP API: the token listener's and the ops listener's routes.
+//!
+//! `GET /token` reads the store without a lock and answers at once when a
+//! servable token is held; only a cold start, `min_ttl` or a forced refresh
+//! waits for the refresh task. Token routes sit behind [`guard`]; probes
+//! need no header.
+
+mod error;
+mod guard;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+pub use error::ApiError;
+
+use crate::error::Category;
+use crate::store::TokenStore;
+use crate::token::Token;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The token store.
+    pub store: Arc<TokenStore>,
+    /// Token routes demand `Klavi-Sidecar: true`.
+    pub require_header: bool,
+}
+
+/// The token listener: `/token`, `/token/refresh` and the probes.
+pub fn token_router(state: AppState) -> Router {
+    let token_routes = Router::new()
+        .route("/token", get(get_token))
+        .route("/token/refresh", post(refresh_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.require_header,
+            guard::token_route_guard,
+        ));
+    Router::new()
+        .merge(token_routes)
+        .merge(probe_routes())
+        .fallback(not_found)
+        .layer(middleware::map_response(fill_bare_errors))
+        .with_state(state)
+}
+
+/// The ops listener: probes (and, later, metrics). Never the token.
+pub fn ops_router(state: AppState) -> Router {
+    probe_routes()
+        .fallback(not_found)
+        .layer(middleware::map_response(fill_bare_errors))
+        .with_state(state)
+}
+
+fn probe_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// Gives JSON bodies to the bare error responses produced below the
+/// handlers (axum's 405 with its `Allow` header, the request timeout).
+async fn fill_bare_errors(response: Response) -> Response {
+    let bare = response.headers().get(header::CONTENT_TYPE).is_none();
+    let replacement = match response.status() {
+        StatusCode::METHOD_NOT_ALLOWED if bare => ApiError::MethodNotAllowed,
+        StatusCode::REQUEST_TIMEOUT if bare => ApiError::RequestTimeout,
+        _ => return response,
+    };
+    let (mut parts, _) = response.into_parts();
+    let (new_parts, body) = replacement.into_response().into_parts();
+    parts.headers.extend(new_parts.headers);
+    Response::from_parts(parts, body)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expire_at: i64,
+    expires_in: u64,
+}
+
+/// Whether the client asked for the bare token: `text/plain` listed before
+/// any JSON type in `Accept`.
+fn wants_plain_text(request: &Request) -> bool {
+    let Some(accept) = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    for media in accept.split(',') {
+        let media = media.split(';').next().unwrap_or("").trim();
+        if media.eq_ignore_ascii_case("text/plain") {
+            return true;
+        }
+        if media.eq_ignore_ascii_case("application/json") {
+            return false;
+        }
+    }
+    false
+}
+
+fn token_response(token: &Token, plain_text: bool) -> Response {
+    if plain_text {
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            token.value().expose().to_string(),
+        )
+            .into_response();
+    }
+    Json(TokenBody {
+        access_token: token.value().expose(),
+        token_type: "Bearer",
+        expire_at: token.expire_at_unix(),
+        expires_in: token.remaining(Instant::now()).as_secs(),
+    })
+    .into_response()
+}
+
+/// `min_ttl` from the query string: `Ok(None)` when absent.
+fn min_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key == "min_ttl" {
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ApiError::InvalidMinTtl);
+            }
+            // Beyond u64 is beyond any token's lifetime anyway.
+            let secs = value.parse::<u64>().unwrap_or(u64::MAX);
+            found = Some(Duration::from_secs(secs));
+        }
+    }
+    Ok(found)
+}
+
+async fn get_token(State(state): State<AppState>, request: Request) -> Response {
+    let min = match min_ttl(request.uri().query()) {
+        Ok(min) => min,
+        Err(error) => return error.into_response(),
+    };
+    let plain_text = wants_plain_text(&request);
+    let now = Instant::now();
+    // The hot path: one atomic load.
+    if let Some(token) = state.store.servable(now)
+        && min.is_none_or(|min| token.remaining(now) >= min)
+    {
+        return token_response(&token, plain_text);
+    }
+    match state.store.token_with(min.unwrap_or(Duration::ZERO)).await {
+        Ok(token) => token_response(&token, plain_text),
+        Err(unavailable) => ApiError::TokenUnavailable(unavailable).into_response(),
+    }
+}
+
+async fn refresh_token(State(state): State<AppState>, request: Request) -> Response {
+    let plain_text = wants_plain_text(&request);
+    match state.store.force_refresh().await {
+        Ok(token) => token_response(&token, plain_text),
+        Err(unavailable) => ApiError::UpstreamError(unavailable).into_response(),
+    }
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.store.state().task_alive {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "error", "reason": "refresh_task_stopped"})),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NotReady {
+    status: &'static str,
+    reason: &'static str,
+    last_error: Option<Category>,
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let now = Instant::now();
+    if let Some(token) = state.store.servable(now) {
+        return Json(json!({"status": "ready", "expiresIn": token.remaining(now).as_secs()}))
+            .into_response();
+    }
+    let reason = if state.store.current().is_some() {
+        "token_expired"
+    } else {
+        "no_token_yet"
+    };
+    let body = NotReady {
+        status: "not_ready",
+        reason,
+        last_error: state.store.state().last_error,
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_ttl_table() {
+        let d = |s| Ok(Some(Duration::from_secs(s)));
+        type Case = (Option<&'static str>, Result<Option<Duration>, ApiError>);
+        let cases: Vec<Case> = vec![
+            (None, Ok(None)),
+            (Some(""), Ok(None)),
+            (Some("other=1"), Ok(None)),
+            (Some("min_ttl=0"), d(0)),
+            (Some("min_ttl=60"), d(60)),
+            (Some("a=b&min_ttl=120"), d(120)),
+            (Some("min_ttl=99999999999999999999999"), d(u64::MAX)),
+            (Some("min_ttl="), Err(ApiError::InvalidMinTtl)),
+            (Some("min_ttl=-1"), Err(ApiError::InvalidMinTtl)),
+            (Some("min_ttl=1.5"), Err(ApiError::InvalidMinTtl)),
+            (Some("min_ttl=+5"), Err(ApiError::InvalidMinTtl)),
+            (Some("min_ttl=abc"), Err(ApiError::InvalidMinTtl)),
+            (Some("min_ttl=%FF"), Err(ApiError::InvalidMinTtl)),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(min_ttl(query), expected, "{query:?}");
+        }
+    }
+
+    #[test]
+    fn accept_table() {
+        let cases = [
+            (None, false),
+            (Some("application/json"), false),
+            (Some("text/plain"), true),
+            (Some("TEXT/PLAIN; charset=utf-8"), true),
+            (Some("text/html, text/plain;q=0.9"), true),
+            (Some("application/json, text/plain"), false),
+            (Some("text/plain, application/json"), true),
+            (Some("*/*"), false),
+        ];
+        for (accept, plain) in cases {
+            let mut builder = http::Request::builder().uri("/token");
+            if let Some(accept) = accept {
+                builder = builder.header(header::ACCEPT, accept);
+            }
+            let request = builder.body(axum::body::Body::empty()).unwrap();
+            assert_eq!(wants_plain_text(&request), plain, "{accept:?}");
+        }
+    }
+}
