@@ -1,0 +1,10 @@
+//! The real application on loopback ports against the project's fake
+//! Klavi: routes, headers, upstream failures, readiness, shutdown, key
+//! rotation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+
+mod helpers;
+mod lifecycle;
+mod routes;
+mod upstream;

@@ -1,0 +1,328 @@
+//! Every route's status codes, bodies and headers (SPEC section 4).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use klavi_token_sidecar::fake_klavi::{FakeKlaviConfig, Outcome};
+use reqwest::StatusCode;
+
+use crate::helpers::{HEADER, TestApp, concurrent, json};
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn get_token_answers_json_with_no_store() {
+    let app = TestApp::spawn().await;
+    let response = app.get_token("").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body = json(response).await;
+    let token = body["accessToken"].as_str().unwrap();
+    assert_eq!(Some(token.to_string()), app.fake.last_token());
+    assert_eq!(body["tokenType"], "Bearer");
+    let expires_in = body["expiresIn"].as_i64().unwrap();
+    assert!((295..=300).contains(&expires_in), "{body}");
+    let expire_at = body["expireAt"].as_i64().unwrap();
+    assert!((expire_at - (now_unix() + expires_in)).abs() <= 2, "{body}");
+    assert_eq!(body.as_object().unwrap().len(), 4);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn accept_text_plain_gets_the_bare_token() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .get(app.url("/token"))
+        .header(HEADER.0, HEADER.1)
+        .header("Accept", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(Some(response.text().await.unwrap()), app.fake.last_token());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn token_routes_demand_the_header_and_refuse_proxied_requests() {
+    let app = TestApp::spawn().await;
+    let cases: Vec<(Vec<(&str, &str)>, u16, Option<&str>)> = vec![
+        (vec![], 403, Some("missing_header")),
+        (
+            vec![("Klavi-Sidecar", "false")],
+            403,
+            Some("missing_header"),
+        ),
+        (vec![("Klavi-Sidecar", "")], 403, Some("missing_header")),
+        (vec![("Klavi-Sidecar", "TRUE")], 200, None),
+        (
+            vec![HEADER, ("X-Forwarded-For", "10.0.0.1")],
+            403,
+            Some("proxied_request"),
+        ),
+        (
+            vec![HEADER, ("Forwarded", "for=10.0.0.1")],
+            403,
+            Some("proxied_request"),
+        ),
+        (
+            vec![("X-Forwarded-For", "10.0.0.1")],
+            403,
+            Some("proxied_request"),
+        ),
+    ];
+    for path in ["/token", "/token/refresh"] {
+        for (headers, status, code) in &cases {
+            let mut request = if path == "/token" {
+                app.http.get(app.url(path))
+            } else {
+                app.http.post(app.url(path))
+            };
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), *status, "{path} {headers:?}");
+            assert_eq!(response.headers()["cache-control"], "no-store");
+            if let Some(code) = code {
+                let body = json(response).await;
+                assert_eq!(body["error"], *code);
+                let message = body["message"].as_str().unwrap();
+                if *code == "missing_header" {
+                    assert!(
+                        message.contains("Klavi-Sidecar: true"),
+                        "says how to fix it: {message}"
+                    );
+                }
+            }
+        }
+    }
+    // Probes need no header.
+    let response = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_header_can_be_turned_off() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__REQUIRE_HEADER", "false")],
+    )
+    .await;
+    let response = app.http.get(app.url("/token")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Proxied requests stay refused.
+    let response = app
+        .http
+        .get(app.url("/token"))
+        .header("X-Forwarded-For", "1.2.3.4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_paths_are_404_json_and_wrong_methods_405_with_allow() {
+    let app = TestApp::spawn().await;
+    for url in [
+        app.url("/nope"),
+        app.url("/token/"),
+        app.ops_url("/nope"),
+        app.ops_url("/token"),
+    ] {
+        let response = app
+            .http
+            .get(&url)
+            .header(HEADER.0, HEADER.1)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{url}");
+        let body = json(response).await;
+        assert_eq!(body["error"], "not_found");
+        assert!(body["message"].is_string());
+    }
+    let cases = [
+        (reqwest::Method::POST, app.url("/token"), "GET,HEAD"),
+        (reqwest::Method::DELETE, app.url("/token"), "GET,HEAD"),
+        (reqwest::Method::GET, app.url("/token/refresh"), "POST"),
+        (reqwest::Method::POST, app.url("/healthz"), "GET,HEAD"),
+        (reqwest::Method::PUT, app.ops_url("/readyz"), "GET,HEAD"),
+    ];
+    for (method, url, allow) in cases {
+        let response = app
+            .http
+            .request(method.clone(), &url)
+            .header(HEADER.0, HEADER.1)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {url}"
+        );
+        assert_eq!(response.headers()["allow"], allow);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(json(response).await["error"], "method_not_allowed");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_ops_listener_serves_probes_but_never_the_token() {
+    let app = TestApp::spawn().await;
+    let response = app.http.get(app.ops_url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(json(response).await, serde_json::json!({"status": "ok"}));
+    let (status, body) = app.readyz().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ready");
+    assert!(body["expiresIn"].as_u64().unwrap() > 290);
+    for path in ["/token", "/token/refresh"] {
+        let response = app
+            .http
+            .get(app.ops_url(path))
+            .header(HEADER.0, HEADER.1)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let text = response.text().await.unwrap();
+        assert!(!text.contains(&app.fake.last_token().unwrap()));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn min_ttl_is_validated_and_served() {
+    let app = TestApp::spawn().await;
+    for bad in ["-1", "1.5", "abc", "", "%2B5"] {
+        let response = app.get_token(&format!("?min_ttl={bad}")).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        assert_eq!(json(response).await["error"], "invalid_min_ttl");
+    }
+    let response = app.get_token("?min_ttl=0").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = app.get_token("?min_ttl=200").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(json(response).await["expiresIn"].as_u64().unwrap() >= 200);
+    assert_eq!(app.fake.calls(), 1, "enough time left: no refresh");
+    // More than a whole token's lifetime cannot be had.
+    let response = app.get_token("?min_ttl=3600").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = json(response).await;
+    assert_eq!(body["error"], "token_unavailable");
+    assert!(body["message"].as_str().unwrap().contains("min_ttl"));
+    assert_eq!(app.fake.calls(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn min_ttl_refreshes_a_token_with_too_little_left() {
+    // 30 s tokens: 25 s asked right after the first fetch... is already there;
+    // after 6 s only ~24 s remain, so a refresh is needed (min_interval 5 s
+    // has passed).
+    let app = TestApp::spawn_with(FakeKlaviConfig::default(), |_| {}, &[]).await;
+    let first = json(app.get_token("").await).await;
+    tokio::time::sleep(Duration::from_millis(6100)).await;
+    let response = app.get_token("?min_ttl=26").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = json(response).await;
+    assert!(body["expiresIn"].as_u64().unwrap() >= 26);
+    assert_ne!(body["accessToken"], first["accessToken"]);
+    assert_eq!(app.fake.calls(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn forced_refresh_is_coalesced_and_rate_limited() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |_| {},
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
+    )
+    .await;
+    let first = json(app.get_token("").await).await;
+    // Within min_interval: the same token, Klavi not called.
+    let response = app.refresh().await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(json(response).await["accessToken"], first["accessToken"]);
+    assert_eq!(app.fake.calls(), 1);
+    // After it: 50 concurrent forced refreshes make one call.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.fake
+        .push([Outcome::token().after(Duration::from_millis(300))]);
+    let results = concurrent(50, || {
+        let (http, url) = (app.http.clone(), app.url("/token/refresh"));
+        async move {
+            http.post(url)
+                .header(HEADER.0, HEADER.1)
+                .send()
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    let mut tokens = std::collections::HashSet::new();
+    for response in results {
+        assert_eq!(response.status(), StatusCode::OK);
+        tokens.insert(
+            json(response).await["accessToken"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(tokens.len(), 1);
+    assert!(!tokens.contains(first["accessToken"].as_str().unwrap()));
+    assert_eq!(app.fake.calls(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |_| {},
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "0")],
+    )
+    .await;
+    let first = json(app.get_token("").await).await;
+    app.fake.set_default(Outcome::status(500));
+    let response = app.refresh().await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = json(response).await;
+    assert_eq!(body["error"], "upstream_error");
+    assert_eq!(body["lastError"], "upstream_unavailable");
+    let again = json(app.get_token("").await).await;
+    assert_eq!(again["accessToken"], first["accessToken"]);
+    app.stop().await;
+}
