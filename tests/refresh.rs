@@ -2,7 +2,7 @@
 //! tokio's paused clock: hours of refreshes run in milliseconds, and every
 //! timing is exact.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

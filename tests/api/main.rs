@@ -2,7 +2,7 @@
 //! Klavi: routes, headers, upstream failures, readiness, shutdown, key
 //! rotation.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod helpers;
 mod lifecycle;
