@@ -2,7 +2,8 @@
 //!
 //! `GET /token` reads the store without a lock and answers at once when a
 //! servable token is held; only a cold start, `min_ttl` or a forced refresh
-//! waits for the refresh task. Token routes sit behind [`guard`]; probes
+//! waits for the refresh task. Token routes sit behind a guard (the
+//! `Klavi-Sidecar` header, no proxied requests); probes
 //! need no header.
 
 mod error;
