@@ -6,5 +6,6 @@
 
 mod helpers;
 mod lifecycle;
+mod limits;
 mod routes;
 mod upstream;
