@@ -148,8 +148,8 @@ impl TokenStore {
         self.state.subscribe()
     }
 
-    /// For the refresh task: replaces the token.
-    pub(crate) fn set_token(&self, token: Arc<Token>) {
+    /// Replaces the token (the refresh task's job; public for tests).
+    pub fn set_token(&self, token: Arc<Token>) {
         self.current.store(Some(token));
     }
 

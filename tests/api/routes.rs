@@ -192,6 +192,8 @@ async fn the_ops_listener_serves_probes_but_never_the_token() {
     let response = app.http.get(app.ops_url("/healthz")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(json(response).await, serde_json::json!({"status": "ok"}));
+    // Once the first token is in (GET /token waits for it), ready.
+    assert_eq!(app.get_token("").await.status(), StatusCode::OK);
     let (status, body) = app.readyz().await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "ready");
@@ -239,19 +241,75 @@ async fn min_ttl_is_validated_and_served() {
 
 #[tokio::test]
 async fn min_ttl_refreshes_a_token_with_too_little_left() {
-    // 30 s tokens: 25 s asked right after the first fetch... is already there;
-    // after 6 s only ~24 s remain, so a refresh is needed (min_interval 5 s
-    // has passed).
-    let app = TestApp::spawn_with(FakeKlaviConfig::default(), |_| {}, &[]).await;
+    // 300 s tokens; after 1.1 s fewer than 299 s remain, so min_ttl=299
+    // needs a refresh (min_interval, 1 s here, has passed).
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |_| {},
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
+    )
+    .await;
     let first = json(app.get_token("").await).await;
-    tokio::time::sleep(Duration::from_millis(6100)).await;
-    let response = app.get_token("?min_ttl=26").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = app.get_token("?min_ttl=299").await;
     assert_eq!(response.status(), StatusCode::OK);
     let body = json(response).await;
-    assert!(body["expiresIn"].as_u64().unwrap() >= 26);
+    assert!(body["expiresIn"].as_u64().unwrap() >= 299, "{body}");
     assert_ne!(body["accessToken"], first["accessToken"]);
     assert_eq!(app.fake.calls(), 2);
     app.stop().await;
+}
+
+#[tokio::test]
+async fn probes_report_a_dead_refresh_task_and_an_expired_token() {
+    use http_body_util::BodyExt;
+    use klavi_token_sidecar::http::{AppState, ops_router};
+    use klavi_token_sidecar::secret::Secret;
+    use klavi_token_sidecar::store::TokenStore;
+    use tower::ServiceExt;
+
+    async fn get(router: axum::Router, path: &str) -> (u16, serde_json::Value) {
+        let request = http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    // A store whose refresh task never ran (or died).
+    let store = std::sync::Arc::new(TokenStore::new(
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+    ));
+    let router = ops_router(AppState {
+        store: store.clone(),
+        require_header: true,
+    });
+    let (status, body) = get(router.clone(), "/healthz").await;
+    assert_eq!(
+        (status, body),
+        (
+            503,
+            serde_json::json!({"status": "error", "reason": "refresh_task_stopped"})
+        )
+    );
+    // A token held but within the serve margin: token_expired.
+    let token = klavi_token_sidecar::token::Token::new(
+        Secret::new("t"),
+        tokio::time::Instant::now(),
+        Duration::from_secs(4),
+        UNIX_EPOCH,
+    );
+    store.set_token(std::sync::Arc::new(token));
+    let (status, body) = get(router, "/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(body["reason"], "token_expired");
 }
 
 #[tokio::test]
