@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{SystemClock, WallClock};
 use crate::config::{Config, ConfigError};
 use crate::credentials::Credentials;
-use crate::http::{AppState, ops_router, token_router};
+use crate::http::{AppState, ops_router, token_router, with_request_timeout};
 use crate::klavi::KlaviClient;
 use crate::refresher::{Refresher, random_jitter};
 use crate::server::{self, BindError, Limits};
@@ -149,13 +150,15 @@ impl Application {
             store,
             require_header: config.server.require_header,
         };
-        let limits = Limits::for_wait(config.refresh.wait);
+        let limits = Limits::default();
+        // The longest legitimate request waits `refresh.wait_ms` for a token.
+        let request_timeout = config.refresh.wait + Duration::from_secs(5);
         let grace = config.server.shutdown_grace;
         let mut servers = JoinSet::new();
         servers.spawn(server::serve(
             "token",
             token_listener,
-            token_router(state.clone()),
+            with_request_timeout(token_router(state.clone()), request_timeout),
             limits,
             shutdown.clone(),
             grace,
@@ -164,7 +167,7 @@ impl Application {
             servers.spawn(server::serve(
                 "ops",
                 listener,
-                ops_router(state),
+                with_request_timeout(ops_router(state), request_timeout),
                 limits,
                 shutdown.clone(),
                 grace,

@@ -176,6 +176,9 @@ pub struct Timing {
     pub received: SystemTime,
     /// The response's `Date` header, if it had a readable one.
     pub date_header: Option<SystemTime>,
+    /// Time between sending and receiving on the monotonic clock, which
+    /// a wall-clock jump during the request does not move.
+    pub elapsed: Duration,
 }
 
 /// Places the token's expiry on the local clock.
@@ -186,6 +189,11 @@ pub struct Timing {
 /// older, never fresher. When the body and the JWT disagree, the earlier
 /// expiry wins; with neither, `fallback` is assumed. A token that expired
 /// before it arrived is an invalid response.
+///
+/// The lifetime is measured both from the wall clock at sending and from
+/// the wall clock at receipt plus the monotonic time in between, and the
+/// shorter wins: a wall-clock jump during the request can then only make
+/// the token look older, never fresher.
 pub fn resolve(
     body: &AuthBody,
     timing: Timing,
@@ -219,17 +227,24 @@ pub fn resolve(
         (None, None) => (timing.sent + fallback, "fallback"),
     };
 
-    if expire_at <= timing.received {
-        let seconds_ago = unix_secs(timing.received) - unix_secs(expire_at);
-        return Err(InvalidResponse::AlreadyExpired { seconds_ago });
+    // Seconds from sending to expiry, seen from both ends of the request.
+    let elapsed = timing.elapsed.as_secs_f64();
+    let from_sent = unix_secs(expire_at) - sent_unix;
+    let from_received = unix_secs(expire_at) - unix_secs(timing.received) + elapsed;
+    let lifetime_secs = from_sent.min(from_received);
+    let left_on_arrival = lifetime_secs - elapsed;
+    if left_on_arrival <= 0.0 {
+        return Err(InvalidResponse::AlreadyExpired {
+            seconds_ago: -left_on_arrival,
+        });
     }
-    let lifetime = expire_at
-        .duration_since(timing.sent)
-        .unwrap_or(Duration::ZERO)
+    let lifetime = Duration::try_from_secs_f64(lifetime_secs)
+        .unwrap_or(MAX_LIFETIME)
         .min(MAX_LIFETIME);
     Ok(Resolved {
         lifetime,
-        expire_at: timing.sent + lifetime,
+        // On the local clock as it reads now.
+        expire_at: shift(timing.received, lifetime.as_secs_f64() - elapsed),
         source,
         skew_secs,
     })
@@ -260,6 +275,7 @@ mod tests {
             sent: at(NOW),
             received: at(NOW),
             date_header: None,
+            elapsed: Duration::ZERO,
         }
     }
 
@@ -457,6 +473,7 @@ mod tests {
             sent: at(NOW),
             received: at(NOW + 3),
             date_header: None,
+            elapsed: Duration::from_secs(3),
         };
         let resolved = resolve(&body, timing, Duration::from_secs(300));
         assert_eq!(
@@ -490,6 +507,7 @@ mod tests {
                 sent: at(NOW),
                 received: at(NOW),
                 date_header: Some(at(klavi_now)),
+                elapsed: Duration::ZERO,
             };
             let resolved = resolve(&parsed, timing, Duration::from_secs(300));
             assert_eq!(
@@ -513,12 +531,53 @@ mod tests {
             sent: at(NOW),
             received: at(NOW),
             date_header: Some(at(klavi_now)),
+            elapsed: Duration::ZERO,
         };
         let resolved = resolve(&parsed, timing, Duration::from_secs(300));
         assert_eq!(
             resolved.map(|r| (r.lifetime.as_secs(), r.source)),
             Ok((100, "exp"))
         );
+    }
+
+    #[test]
+    fn a_wall_clock_jump_during_the_request_never_makes_a_token_fresher() {
+        // Klavi's clock is right: its Date is NOW + 1 (1 s on the wire) and
+        // the token expires 300 s after NOW. Our wall clock jumps by `jump`
+        // seconds while the request is in flight.
+        // (jump, Date header sent, expected lifetime from sending, or expired)
+        let cases: Vec<(i64, bool, Option<u64>)> = vec![
+            (0, true, Some(300)),
+            (0, false, Some(300)),
+            // Forward an hour: the skew is corrected from the Date header;
+            // without the receipt-side measure it would look 3900 s long.
+            (3600, true, Some(300)),
+            // Forward without a Date header: our clock says it expired.
+            (3600, false, None),
+            // Backward an hour: the send-side measure says expired; safe.
+            (-3600, true, None),
+            (-3600, false, Some(300)),
+            // Small jumps within the skew tolerance: still never longer.
+            (4, true, Some(296)),
+            (-4, true, Some(300)),
+        ];
+        let body = format!(r#"{{"accessToken":"t","expireAt":{}}}"#, NOW + 300);
+        let parsed = parse_auth_body(body.as_bytes())
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (jump, with_date, expected) in cases {
+            let timing = Timing {
+                sent: at(NOW),
+                received: shift(at(NOW + 1), jump as f64),
+                date_header: with_date.then(|| at(NOW + 1)),
+                elapsed: Duration::from_secs(1),
+            };
+            let got = resolve(&parsed, timing, Duration::from_secs(300))
+                .ok()
+                .map(|r| r.lifetime.as_secs());
+            assert_eq!(got, expected, "jump {jump} date {with_date}");
+            assert!(got.is_none_or(|l| l <= 300), "never fresher than it is");
+        }
     }
 
     #[test]

@@ -153,6 +153,7 @@ impl KlaviClient {
             sent: sent_wall,
             received: self.clock.now(),
             date_header,
+            elapsed: sent.elapsed(),
         };
         let resolved = expiry::resolve(&parsed, timing, self.fallback_ttl)?;
         if let Some(skew) = resolved.skew_secs {

@@ -2,8 +2,9 @@
 //!
 //! axum's own `serve` has no knobs for hostile clients, so connections are
 //! driven by hyper directly: a header read timeout (slow-header clients), a
-//! header size limit (431), a cap on open connections, a per-request
-//! timeout, and a graceful drain bounded by the shutdown grace.
+//! header size limit (431), a cap on open connections, and a graceful drain
+//! bounded by the shutdown grace. (The per-request timeout is a layer of
+//! the routers, see [`crate::http::with_request_timeout`].)
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutLayer;
 
 /// Protections applied to every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,19 +27,14 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Open connections at most; more wait in the kernel's backlog.
     pub max_connections: usize,
-    /// Time allowed for one request, from headers read to response.
-    pub request_timeout: Duration,
 }
 
-impl Limits {
-    /// Defaults for a loopback sidecar whose longest legitimate request
-    /// waits `wait` for a token.
-    pub fn for_wait(wait: Duration) -> Self {
+impl Default for Limits {
+    fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
             max_connections: 1024,
-            request_timeout: wait + Duration::from_secs(5),
         }
     }
 }
@@ -54,10 +49,6 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let router = router.layer(TimeoutLayer::with_status_code(
-        http::StatusCode::REQUEST_TIMEOUT,
-        limits.request_timeout,
-    ));
     let service = TowerToHyperService::new(router);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();

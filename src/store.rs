@@ -199,7 +199,7 @@ impl TokenStore {
             }
             // Asking for more than a whole fresh token gives cannot succeed;
             // refetching would only hammer Klavi.
-            if min_remaining >= token.lifetime() {
+            if min_remaining > self.serve_margin && min_remaining >= token.lifetime() {
                 return Err(self.unavailable(UnavailableReason::MinTtlTooLong, now));
             }
         }

@@ -422,8 +422,11 @@ async fn a_token_needing_refresh_at_once_is_not_refetched_in_a_tight_loop() {
         ]
     );
     assert!(h.calls() <= 10, "{} calls in 70 s", h.calls());
-    // Such a token is never served.
+    // Such a token is never served, and a plain request waits for a fetch
+    // rather than being told its (default) min_ttl is impossible.
     assert!(h.store.servable(Instant::now()).is_none());
+    let error = h.store.token_with(Duration::ZERO).await.unwrap_err();
+    assert_ne!(error.reason, UnavailableReason::MinTtlTooLong);
     h.stop().await;
 }
 

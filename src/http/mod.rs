@@ -21,6 +21,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
+use tower_http::timeout::TimeoutLayer;
 
 pub use error::ApiError;
 
@@ -70,6 +71,17 @@ fn probe_routes() -> Router<AppState> {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+/// Bounds every request's time, answering 408 with a JSON body. Applied
+/// outermost so nothing below can hold a connection forever.
+pub fn with_request_timeout(router: Router, timeout: Duration) -> Router {
+    router
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(middleware::map_response(fill_bare_errors))
 }
 
 /// Gives JSON bodies to the bare error responses produced below the

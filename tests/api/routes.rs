@@ -384,3 +384,58 @@ async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
     assert_eq!(again["accessToken"], first["accessToken"]);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_over_the_time_limit_gets_408_json() {
+    use http_body_util::BodyExt;
+    use klavi_token_sidecar::error::FetchError;
+    use klavi_token_sidecar::http::{AppState, token_router, with_request_timeout};
+    use klavi_token_sidecar::policy::RefreshPolicy;
+    use klavi_token_sidecar::refresher::{Refresher, TokenSource, random_jitter};
+    use klavi_token_sidecar::store::TokenStore;
+    use klavi_token_sidecar::token::Token;
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    /// Klavi never answers.
+    struct Never;
+    impl TokenSource for Never {
+        async fn fetch(&self) -> Result<Token, FetchError> {
+            std::future::pending().await
+        }
+    }
+
+    let store = Arc::new(TokenStore::new(
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+        Duration::from_secs(5),
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = Refresher::new(
+        Never,
+        store.clone(),
+        RefreshPolicy::default(),
+        random_jitter(),
+        Default::default(),
+    )
+    .spawn(stop.clone());
+    let router = with_request_timeout(
+        token_router(AppState {
+            store,
+            require_header: true,
+        }),
+        Duration::from_millis(50),
+    );
+    let request = http::Request::get("/token")
+        .header(HEADER.0, HEADER.1)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(body["error"], "request_timeout");
+    stop.cancel();
+    task.await.unwrap();
+}
