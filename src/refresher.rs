@@ -117,20 +117,22 @@ impl<S: TokenSource> Refresher<S> {
         loop {
             let now = Instant::now();
             let state = self.store.state();
-            let (demanded, seen) = self.store.pending_demand(now, state.completed);
-            let wake = if demanded {
-                let earliest = [
-                    progress.backoff_until,
-                    state
-                        .last_success_at
-                        .map(|at| at + self.policy.min_interval),
-                ]
-                .into_iter()
-                .flatten()
-                .fold(now, Instant::max);
-                scheduled.min(earliest)
-            } else {
-                scheduled
+            // A demand brings the next attempt forward, but never past a
+            // backoff or min_interval, and not for handlers that will have
+            // stopped waiting by then.
+            let (demanded_until, seen) = self.store.pending_demand(now, state.completed);
+            let earliest = [
+                progress.backoff_until,
+                state
+                    .last_success_at
+                    .map(|at| at + self.policy.min_interval),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(now, Instant::max);
+            let wake = match demanded_until {
+                Some(until) if earliest < until => scheduled.min(earliest),
+                _ => scheduled,
             };
             self.store.update_state(|s| {
                 s.next_attempt_at = Some(wake);

@@ -51,9 +51,14 @@ pub struct Demand {
 }
 
 impl Demand {
-    /// Drops the parts that are satisfied or expired; says whether any part
-    /// still asks for a fetch.
-    pub fn prune(&mut self, now: Instant, token: Option<&Token>, completed: u64) -> bool {
+    /// Drops the parts that are satisfied or expired; returns, if any part
+    /// still asks for a fetch, until when the asking handlers wait.
+    pub fn prune(
+        &mut self,
+        now: Instant,
+        token: Option<&Token>,
+        completed: u64,
+    ) -> Option<Instant> {
         if let Some((min, deadline)) = self.min_remaining {
             let satisfied = token.is_some_and(|t| t.remaining(now) >= min);
             if satisfied || deadline <= now {
@@ -65,7 +70,13 @@ impl Demand {
         {
             self.completion_after = None;
         }
-        self.min_remaining.is_some() || self.completion_after.is_some()
+        [
+            self.min_remaining.map(|(_, d)| d),
+            self.completion_after.map(|(_, d)| d),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
     }
 }
 
@@ -163,9 +174,9 @@ impl TokenStore {
         &self.demand_signal
     }
 
-    /// For the refresh task: whether a demand still asks for a fetch, after
-    /// dropping what is met or expired, and the demand sequence seen.
-    pub(crate) fn pending_demand(&self, now: Instant, completed: u64) -> (bool, u64) {
+    /// For the refresh task: until when a demand still asks for a fetch
+    /// (after dropping what is met or expired), and the demand sequence seen.
+    pub(crate) fn pending_demand(&self, now: Instant, completed: u64) -> (Option<Instant>, u64) {
         let token = self.current.load_full();
         let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
         let active = demand.prune(now, token.as_deref(), completed);
@@ -192,10 +203,9 @@ impl TokenStore {
             token.remaining(now) >= min_remaining && token.is_servable(now, self.serve_margin)
         };
         let now = Instant::now();
-        let held = self.current();
-        if let Some(token) = &held {
-            if meets(token, now) {
-                return Ok(Arc::clone(token));
+        if let Some(token) = self.current() {
+            if meets(&token, now) {
+                return Ok(token);
             }
             // Asking for more than a whole fresh token gives cannot succeed;
             // refetching would only hammer Klavi.
@@ -209,24 +219,12 @@ impl TokenStore {
             let (wanted, until) = d.min_remaining.unwrap_or((Duration::ZERO, deadline));
             d.min_remaining = Some((wanted.max(min_remaining), until.max(deadline)));
         });
-        loop {
-            if let Some(token) = self.current()
-                && meets(&token, Instant::now())
-            {
-                return Ok(token);
-            }
-            if let Some(reason) = self.hopeless(&state.borrow_and_update(), seq, deadline) {
-                return Err(self.unavailable(reason, Instant::now()));
-            }
-            tokio::select! {
-                changed = state.changed() => if changed.is_err() {
-                    return Err(self.unavailable(UnavailableReason::TaskStopped, Instant::now()));
-                },
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(self.unavailable(UnavailableReason::Timeout, Instant::now()));
-                }
-            }
-        }
+        self.wait_for(&mut state, seq, deadline, |_| {
+            self.current()
+                .filter(|token| meets(token, Instant::now()))
+                .map(Ok)
+        })
+        .await
     }
 
     /// A freshly fetched token (after Klavi rejected the one the app had),
@@ -235,8 +233,8 @@ impl TokenStore {
     /// Klavi again.
     pub async fn force_refresh(&self) -> Result<Arc<Token>, Unavailable> {
         let now = Instant::now();
-        let snapshot = self.state();
-        let recent = snapshot
+        let recent = self
+            .state()
             .last_success_at
             .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval);
         if recent && let Some(token) = self.servable(now) {
@@ -249,22 +247,34 @@ impl TokenStore {
             let (wanted, until) = d.completion_after.unwrap_or((after, deadline));
             d.completion_after = Some((wanted.max(after), until.max(deadline)));
         });
+        // Any attempt completing from now on answers, the one in flight too.
+        self.wait_for(&mut state, seq, deadline, |snapshot| {
+            (snapshot.completed > after).then(|| {
+                let token = self.servable(Instant::now());
+                match token {
+                    Some(token) if snapshot.last_error.is_none() => Ok(token),
+                    _ => Err(UnavailableReason::Failed),
+                }
+            })
+        })
+        .await
+    }
+
+    /// Waits on the refresh task's state until `done` has an answer, the
+    /// wait is hopeless, or `deadline` passes.
+    async fn wait_for(
+        &self,
+        state: &mut watch::Receiver<RefreshState>,
+        seq: u64,
+        deadline: Instant,
+        mut done: impl FnMut(&RefreshState) -> Option<Result<Arc<Token>, UnavailableReason>>,
+    ) -> Result<Arc<Token>, Unavailable> {
         loop {
-            {
-                let snapshot = state.borrow_and_update();
-                if snapshot.completed > after {
-                    let failed = snapshot.last_error.is_some();
-                    drop(snapshot);
-                    let now = Instant::now();
-                    return match self.servable(now) {
-                        Some(token) if !failed => Ok(token),
-                        _ => Err(self.unavailable(UnavailableReason::Failed, now)),
-                    };
-                }
-                if let Some(reason) = self.hopeless(&snapshot, seq, deadline) {
-                    drop(snapshot);
-                    return Err(self.unavailable(reason, Instant::now()));
-                }
+            let snapshot = state.borrow_and_update().clone();
+            let verdict =
+                done(&snapshot).or_else(|| self.hopeless(&snapshot, seq, deadline).map(Err));
+            if let Some(verdict) = verdict {
+                return verdict.map_err(|reason| self.unavailable(reason, Instant::now()));
             }
             tokio::select! {
                 changed = state.changed() => if changed.is_err() {
@@ -338,17 +348,25 @@ mod tests {
             min_remaining: min.map(|(s, at)| (Duration::from_secs(s), at)),
             completion_after: after,
         };
-        // (demand, token, completed, still active)
+        // (demand, token, completed, still active until)
         let cases = [
-            (d(None, None), Some(&t100), 0, false),
-            (d(Some((50, later)), None), Some(&t100), 0, false), // met
-            (d(Some((150, later)), None), Some(&t100), 0, true), // not met
-            (d(Some((150, later)), None), None, 0, true),        // no token
-            (d(Some((150, earlier)), None), None, 0, false),     // expired
-            (d(None, Some((3, later))), Some(&t100), 3, true),   // waits for a 4th
-            (d(None, Some((3, later))), Some(&t100), 4, false),  // got it
-            (d(None, Some((3, earlier))), Some(&t100), 3, false), // expired
-            (d(Some((50, later)), Some((3, later))), Some(&t100), 3, true),
+            (d(None, None), Some(&t100), 0, None),
+            (d(Some((50, later)), None), Some(&t100), 0, None), // met
+            (d(Some((150, later)), None), Some(&t100), 0, Some(later)), // not met
+            (d(Some((150, later)), None), None, 0, Some(later)), // no token
+            (d(Some((150, earlier)), None), None, 0, None),     // expired
+            (d(None, Some((3, later))), Some(&t100), 3, Some(later)), // waits for a 4th
+            (d(None, Some((3, later))), Some(&t100), 4, None),  // got it
+            (d(None, Some((3, earlier))), Some(&t100), 3, None), // expired
+            (
+                d(
+                    Some((150, earlier + Duration::from_secs(2))),
+                    Some((3, later)),
+                ),
+                Some(&t100),
+                3,
+                Some(later),
+            ),
         ];
         for (mut demand, token, completed, active) in cases {
             let before = demand;

@@ -204,6 +204,14 @@ fn start(policy: RefreshPolicy, jitter: f64, default: Step, script: Vec<Step>) -
     }
 }
 
+/// The default policy without schedule jitter, so tables read plainly.
+fn no_jitter() -> RefreshPolicy {
+    RefreshPolicy {
+        jitter_ratio: 0.0,
+        ..RefreshPolicy::default()
+    }
+}
+
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
@@ -435,15 +443,7 @@ async fn the_same_token_again_is_not_refetched_in_a_tight_loop() {
     // A 30 s token is refreshed at 15 s, but Klavi hands back the same one
     // (15 s left). It keeps its own schedule (half its remaining life, at
     // least a backoff), then backs off once it is due at once.
-    let h = start(
-        RefreshPolicy {
-            jitter_ratio: 0.0,
-            ..RefreshPolicy::default()
-        },
-        1.0,
-        Step::Repeat,
-        vec![token_step(30)],
-    );
+    let h = start(no_jitter(), 1.0, Step::Repeat, vec![token_step(30)]);
     sleep(secs(28)).await;
     let ms = Duration::from_millis;
     assert_eq!(h.call_gaps(), vec![secs(15), ms(7500), ms(2500), secs(2)]);
@@ -529,15 +529,7 @@ async fn forced_refresh_failure_keeps_the_old_token_served() {
 
 #[tokio::test(start_paused = true)]
 async fn min_ttl_refreshes_when_needed_and_refuses_the_impossible() {
-    let h = start(
-        RefreshPolicy {
-            jitter_ratio: 0.0,
-            ..RefreshPolicy::default()
-        },
-        0.0,
-        token_step(300),
-        vec![],
-    );
+    let h = start(no_jitter(), 0.0, token_step(300), vec![]);
     settle().await;
     sleep(secs(100)).await; // 200 s left
     let token = h.store.token_with(secs(150)).await.unwrap();
@@ -555,15 +547,7 @@ async fn min_ttl_refreshes_when_needed_and_refuses_the_impossible() {
 
 #[tokio::test(start_paused = true)]
 async fn min_ttl_demands_respect_min_interval() {
-    let h = start(
-        RefreshPolicy {
-            jitter_ratio: 0.0,
-            ..RefreshPolicy::default()
-        },
-        0.0,
-        token_step(300),
-        vec![],
-    );
+    let h = start(no_jitter(), 0.0, token_step(300), vec![]);
     settle().await;
     // 299 s wanted of a fresh 300 s token: needs a fetch, but the last was
     // just now; the next is allowed in 5 s, within the 5 s wait.
@@ -663,5 +647,24 @@ async fn state_reports_failures_and_recovery() {
     let state = h.store.state();
     assert_eq!((state.completed, state.last_error), (2, None));
     h.set_default(Step::Status(500, None, Duration::ZERO));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_demand_that_min_interval_would_delay_past_the_wait_fails_fast_without_a_fetch() {
+    let policy = RefreshPolicy {
+        min_interval: secs(10),
+        ..no_jitter()
+    };
+    let h = start(policy, 0.0, token_step(300), vec![]);
+    settle().await;
+    sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let error = h.store.token_with(secs(299)).await.unwrap_err();
+    assert_eq!(error.reason, UnavailableReason::Failed);
+    assert_eq!(Instant::now(), started, "told at once");
+    // Nothing fetched for it, then or later.
+    sleep(secs(30)).await;
+    assert_eq!(h.calls(), 1);
     h.stop().await;
 }
