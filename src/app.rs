@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{SystemClock, WallClock};
 use crate::config::{Config, ConfigError};
 use crate::credentials::Credentials;
-use crate::http::{AppState, ops_router, token_router, with_request_timeout};
+use crate::http::{AppState, ops_router, token_router};
 use crate::klavi::KlaviClient;
-use crate::refresher::{Refresher, random_jitter};
+use crate::metrics::Metrics;
+use crate::refresher::Refresher;
 use crate::server::{self, BindError, Limits};
 use crate::store::TokenStore;
 
@@ -137,28 +138,26 @@ impl Application {
         let stop_refresh = CancellationToken::new();
         let key_changes = Arc::new(Notify::new());
         let watcher = credentials.watch(Arc::clone(&key_changes), stop_refresh.clone());
-        let refresher = Refresher::new(
-            client,
-            Arc::clone(&store),
-            config.refresh.policy.clone(),
-            random_jitter(),
-            key_changes,
-        )
-        .spawn(stop_refresh.clone());
+        let metrics = Arc::new(Metrics::new());
+        let refresher = Refresher::new(client, Arc::clone(&store), config.refresh.policy.clone())
+            .key_changes(key_changes)
+            .metrics(Arc::clone(&metrics))
+            .spawn(stop_refresh.clone());
 
         let state = AppState {
             store,
+            metrics,
             require_header: config.server.require_header,
+            // The longest legitimate request waits `refresh.wait_ms`.
+            request_timeout: config.refresh.wait + Duration::from_secs(5),
         };
         let limits = Limits::default();
-        // The longest legitimate request waits `refresh.wait_ms` for a token.
-        let request_timeout = config.refresh.wait + Duration::from_secs(5);
         let grace = config.server.shutdown_grace;
         let mut servers = JoinSet::new();
         servers.spawn(server::serve(
             "token",
             token_listener,
-            with_request_timeout(token_router(state.clone()), request_timeout),
+            token_router(state.clone()),
             limits,
             shutdown.clone(),
             grace,
@@ -167,7 +166,7 @@ impl Application {
             servers.spawn(server::serve(
                 "ops",
                 listener,
-                with_request_timeout(ops_router(state), request_timeout),
+                ops_router(state),
                 limits,
                 shutdown.clone(),
                 grace,

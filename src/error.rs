@@ -24,6 +24,14 @@ pub enum Category {
 }
 
 impl Category {
+    /// Every category.
+    pub const ALL: [Self; 4] = [
+        Self::CredentialsRejected,
+        Self::RateLimited,
+        Self::UpstreamUnavailable,
+        Self::InvalidResponse,
+    ];
+
     /// The snake_case name used in JSON bodies, logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

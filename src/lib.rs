@@ -57,6 +57,7 @@ pub mod fake_klavi;
 pub mod healthcheck;
 pub mod http;
 pub mod klavi;
+pub mod metrics;
 pub mod policy;
 pub mod refresher;
 pub mod secret;

@@ -14,7 +14,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use tracing::Instrument as _;
+
 use crate::error::{Category, FetchError};
+use crate::metrics::Metrics;
 use crate::policy::{self, Failure, RefreshPolicy};
 use crate::store::TokenStore;
 use crate::token::Token;
@@ -47,6 +50,7 @@ pub struct Refresher<S> {
     policy: RefreshPolicy,
     jitter: Jitter,
     key_changes: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> std::fmt::Debug for Refresher<S> {
@@ -73,6 +77,8 @@ impl Drop for AliveGuard {
 /// The task's memory between attempts.
 #[derive(Debug, Default)]
 struct Progress {
+    /// Attempts made, for log correlation.
+    attempts: u64,
     /// Consecutive failed attempts.
     failures: u32,
     /// Consecutive fetches that brought a token needing refresh at once.
@@ -84,23 +90,37 @@ struct Progress {
 }
 
 impl<S: TokenSource> Refresher<S> {
-    /// A refresher filling `store` from `source`. `key_changes` is notified
-    /// when a key file changes, which retries at once after rejected
-    /// credentials.
-    pub fn new(
-        source: S,
-        store: Arc<TokenStore>,
-        policy: RefreshPolicy,
-        jitter: Jitter,
-        key_changes: Arc<Notify>,
-    ) -> Self {
+    /// A refresher filling `store` from `source` by `policy`, with random
+    /// jitter, no key-file notifications and its own metrics until told
+    /// otherwise.
+    pub fn new(source: S, store: Arc<TokenStore>, policy: RefreshPolicy) -> Self {
         Self {
             source,
             store,
             policy,
-            jitter,
-            key_changes,
+            jitter: random_jitter(),
+            key_changes: Arc::new(Notify::new()),
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// Where jitter values come from (fixed values in tests).
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Notified when a key file changes, which retries at once after
+    /// rejected credentials.
+    pub fn key_changes(mut self, key_changes: Arc<Notify>) -> Self {
+        self.key_changes = key_changes;
+        self
+    }
+
+    /// Where to count attempts and their latency.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Starts the task. It is marked alive before this returns, so probes
@@ -154,16 +174,55 @@ impl<S: TokenSource> Refresher<S> {
                 () = tokio::time::sleep_until(wake) => {}
             }
 
+            progress.attempts += 1;
+            let span = tracing::debug_span!(
+                "refresh",
+                attempt = progress.attempts,
+                outcome = tracing::field::Empty,
+                category = tracing::field::Empty,
+                upstream_status = tracing::field::Empty,
+                duration_ms = tracing::field::Empty,
+                fingerprint = tracing::field::Empty,
+                next_attempt_in_ms = tracing::field::Empty,
+            );
             self.store.update_state(|s| s.fetching = true);
+            self.metrics.upstream_started();
+            let started = Instant::now();
             let outcome = tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
-                outcome = self.source.fetch() => outcome,
+                outcome = self.source.fetch().instrument(span.clone()) => outcome,
             };
+            let duration = started.elapsed();
+            span.record("duration_ms", duration.as_millis() as u64);
+            let _entered = span.enter();
             scheduled = match outcome {
-                Ok(token) => self.on_success(token, &mut progress),
-                Err(error) => self.on_failure(&error, &mut progress),
+                Ok(token) => {
+                    span.record("outcome", "success");
+                    span.record("fingerprint", token.fingerprint());
+                    self.metrics.upstream_finished(duration, None, 0);
+                    self.on_success(token, &mut progress)
+                }
+                Err(error) => {
+                    span.record("outcome", "failure");
+                    span.record("category", error.category().as_str());
+                    if let Some(status) = error.status() {
+                        span.record("upstream_status", status);
+                    }
+                    self.metrics.upstream_finished(
+                        duration,
+                        Some(error.category()),
+                        progress.failures.saturating_add(1),
+                    );
+                    self.on_failure(&error, &mut progress)
+                }
             };
+            let next_in = scheduled.saturating_duration_since(Instant::now());
+            span.record("next_attempt_in_ms", next_in.as_millis() as u64);
+            tracing::debug!(
+                duration_ms = duration.as_millis() as u64,
+                "refresh attempt finished"
+            );
         }
     }
 

@@ -230,15 +230,15 @@ impl TokenStore {
     /// A freshly fetched token (after Klavi rejected the one the app had),
     /// sharing any fetch in flight. Within `refresh.min_interval_secs` of
     /// the last fetch, that fetch's token is returned without calling
-    /// Klavi again.
-    pub async fn force_refresh(&self) -> Result<Arc<Token>, Unavailable> {
+    /// Klavi again; the flag says so.
+    pub async fn force_refresh(&self) -> Result<(Arc<Token>, bool), Unavailable> {
         let now = Instant::now();
         let recent = self
             .state()
             .last_success_at
             .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval);
         if recent && let Some(token) = self.servable(now) {
-            return Ok(token);
+            return Ok((token, true));
         }
         let deadline = now + self.wait;
         let mut state = self.subscribe();
@@ -258,6 +258,7 @@ impl TokenStore {
             })
         })
         .await
+        .map(|token| (token, false))
     }
 
     /// Waits on the refresh task's state until `done` has an answer, the

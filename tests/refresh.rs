@@ -186,14 +186,10 @@ fn start(policy: RefreshPolicy, jitter: f64, default: Step, script: Vec<Step>) -
     ));
     let keys = Arc::new(Notify::new());
     let stop = CancellationToken::new();
-    let task = Refresher::new(
-        Arc::clone(&source),
-        Arc::clone(&store),
-        policy,
-        fixed_jitter(jitter),
-        Arc::clone(&keys),
-    )
-    .spawn(stop.clone());
+    let task = Refresher::new(Arc::clone(&source), Arc::clone(&store), policy)
+        .jitter(fixed_jitter(jitter))
+        .key_changes(Arc::clone(&keys))
+        .spawn(stop.clone());
     Harness {
         store,
         stats,
@@ -475,8 +471,9 @@ async fn forced_refresh_within_min_interval_reuses_the_last_fetch() {
     settle().await;
     let first = h.store.current().unwrap();
     sleep(secs(2)).await;
-    let again = h.store.force_refresh().await.unwrap();
+    let (again, reused) = h.store.force_refresh().await.unwrap();
     assert_eq!(again.value(), first.value());
+    assert!(reused);
     assert_eq!(h.calls(), 1);
     // After min_interval a forced refresh fetches, once for many callers.
     sleep(secs(4)).await;
@@ -487,8 +484,9 @@ async fn forced_refresh_within_min_interval_reuses_the_last_fetch() {
         })
         .collect();
     for f in forced {
-        let token = f.await.unwrap().unwrap();
+        let (token, reused) = f.await.unwrap().unwrap();
         assert_ne!(token.value(), first.value());
+        assert!(!reused);
     }
     assert_eq!(h.calls(), 2);
     h.stop().await;
@@ -504,7 +502,7 @@ async fn forced_refresh_joins_a_fetch_in_flight() {
     );
     sleep(Duration::from_millis(500)).await;
     assert!(h.store.state().fetching);
-    let token = h.store.force_refresh().await.unwrap();
+    let token = h.store.force_refresh().await.unwrap().0;
     assert_eq!(token.value().expose(), "token-0");
     assert_eq!(h.calls(), 1);
     h.stop().await;

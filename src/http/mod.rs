@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::middleware;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,10 +22,12 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
 use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 
 use crate::error::Category;
+use crate::metrics::{ForcedOutcome, Metrics, route_label};
 use crate::store::TokenStore;
 use crate::token::Token;
 
@@ -34,8 +36,25 @@ use crate::token::Token;
 pub struct AppState {
     /// The token store.
     pub store: Arc<TokenStore>,
+    /// Where requests are counted.
+    pub metrics: Arc<Metrics>,
     /// Token routes demand `Klavi-Sidecar: true`.
     pub require_header: bool,
+    /// Longest time a request may take (answered 408 after).
+    pub request_timeout: Duration,
+}
+
+impl AppState {
+    /// State over `store` with fresh metrics, the header required and a
+    /// request timeout of `wait` plus 5 s (as the service uses).
+    pub fn new(store: Arc<TokenStore>, wait: Duration) -> Self {
+        Self {
+            store,
+            metrics: Arc::new(Metrics::new()),
+            require_header: true,
+            request_timeout: wait + Duration::from_secs(5),
+        }
+    }
 }
 
 /// The token listener: `/token`, `/token/refresh` and the probes.
@@ -47,20 +66,15 @@ pub fn token_router(state: AppState) -> Router {
             state.require_header,
             guard::token_route_guard,
         ));
-    Router::new()
-        .merge(token_routes)
-        .merge(probe_routes())
-        .fallback(not_found)
-        .layer(middleware::map_response(fill_bare_errors))
-        .with_state(state)
+    finish(
+        Router::new().merge(token_routes).merge(probe_routes()),
+        state,
+    )
 }
 
-/// The ops listener: probes (and, later, metrics). Never the token.
+/// The ops listener: probes and metrics. Never the token.
 pub fn ops_router(state: AppState) -> Router {
-    probe_routes()
-        .fallback(not_found)
-        .layer(middleware::map_response(fill_bare_errors))
-        .with_state(state)
+    finish(probe_routes().route("/metrics", get(metrics)), state)
 }
 
 fn probe_routes() -> Router<AppState> {
@@ -69,22 +83,61 @@ fn probe_routes() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
+/// The layers every route shares, innermost first: the request timeout
+/// (408), JSON bodies for bare errors (that 408, axum's 405), request
+/// metrics, a tracing span.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
+    router
+        .fallback(not_found)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.request_timeout,
+        ))
+        .layer(middleware::map_response(fill_bare_errors))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            count_request,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    tracing::debug_span!(
+                        "request",
+                        method = %request.method(),
+                        route = route_label(request.uri().path()),
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    |response: &Response, latency: Duration, _span: &tracing::Span| {
+                        tracing::debug!(
+                            status = response.status().as_u16(),
+                            latency_us = latency.as_micros() as u64,
+                            "request finished"
+                        );
+                    },
+                )
+                .on_failure(()),
+        )
+        .with_state(state)
+}
+
+async fn count_request(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(request.uri().path());
+    let response = next.run(request).await;
+    metrics.request(route, response.status().as_u16());
+    response
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound
 }
 
-/// Bounds every request's time, answering 408 with a JSON body. Applied
-/// outermost so nothing below can hold a connection forever.
-pub fn with_request_timeout(router: Router, timeout: Duration) -> Router {
-    router
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
-        .layer(middleware::map_response(fill_bare_errors))
-}
-
-/// Gives JSON bodies to the bare error responses produced below the
+/// Gives JSON bodies to the bare error responses produced outside the
 /// handlers (axum's 405 with its `Allow` header, the request timeout).
 async fn fill_bare_errors(response: Response) -> Response {
     let bare = response.headers().get(header::CONTENT_TYPE).is_none();
@@ -177,12 +230,19 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
     let plain_text = wants_plain_text(&request);
     let now = Instant::now();
     // The hot path: one atomic load.
-    if let Some(token) = state.store.servable(now)
+    let held = state.store.servable(now);
+    if let Some(token) = &held
         && min.is_none_or(|min| token.remaining(now) >= min)
     {
-        return token_response(&token, plain_text);
+        return token_response(token, plain_text);
     }
-    match state.store.token_with(min.unwrap_or(Duration::ZERO)).await {
+    state.metrics.waited("/token");
+    let result = state.store.token_with(min.unwrap_or(Duration::ZERO)).await;
+    if held.is_some() {
+        // A servable token was held, so only min_ttl made this wait.
+        state.metrics.min_ttl_refresh(result.is_ok());
+    }
+    match result {
         Ok(token) => token_response(&token, plain_text),
         Err(unavailable) => ApiError::TokenUnavailable(unavailable).into_response(),
     }
@@ -191,9 +251,30 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
 async fn refresh_token(State(state): State<AppState>, request: Request) -> Response {
     let plain_text = wants_plain_text(&request);
     match state.store.force_refresh().await {
-        Ok(token) => token_response(&token, plain_text),
-        Err(unavailable) => ApiError::UpstreamError(unavailable).into_response(),
+        Ok((token, reused)) => {
+            state.metrics.forced(if reused {
+                ForcedOutcome::Reused
+            } else {
+                ForcedOutcome::Fetched
+            });
+            token_response(&token, plain_text)
+        }
+        Err(unavailable) => {
+            state.metrics.forced(ForcedOutcome::Failed);
+            ApiError::UpstreamError(unavailable).into_response()
+        }
     }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        state.metrics.encode(&state.store),
+    )
+        .into_response()
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

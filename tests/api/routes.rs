@@ -287,10 +287,7 @@ async fn probes_report_a_dead_refresh_task_and_an_expired_token() {
         Duration::from_secs(5),
         Duration::from_millis(100),
     ));
-    let router = ops_router(AppState {
-        store: store.clone(),
-        require_header: true,
-    });
+    let router = ops_router(AppState::new(store.clone(), Duration::from_millis(100)));
     let (status, body) = get(router.clone(), "/healthz").await;
     assert_eq!(
         (status, body),
@@ -389,9 +386,9 @@ async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
 async fn a_request_over_the_time_limit_gets_408_json() {
     use http_body_util::BodyExt;
     use klavi_token_sidecar::error::FetchError;
-    use klavi_token_sidecar::http::{AppState, token_router, with_request_timeout};
+    use klavi_token_sidecar::http::{AppState, token_router};
     use klavi_token_sidecar::policy::RefreshPolicy;
-    use klavi_token_sidecar::refresher::{Refresher, TokenSource, random_jitter};
+    use klavi_token_sidecar::refresher::{Refresher, TokenSource};
     use klavi_token_sidecar::store::TokenStore;
     use klavi_token_sidecar::token::Token;
     use std::sync::Arc;
@@ -411,21 +408,11 @@ async fn a_request_over_the_time_limit_gets_408_json() {
         Duration::from_secs(5),
     ));
     let stop = tokio_util::sync::CancellationToken::new();
-    let task = Refresher::new(
-        Never,
-        store.clone(),
-        RefreshPolicy::default(),
-        random_jitter(),
-        Default::default(),
-    )
-    .spawn(stop.clone());
-    let router = with_request_timeout(
-        token_router(AppState {
-            store,
-            require_header: true,
-        }),
-        Duration::from_millis(50),
-    );
+    let task = Refresher::new(Never, store.clone(), RefreshPolicy::default()).spawn(stop.clone());
+    let router = token_router(AppState {
+        request_timeout: Duration::from_millis(50),
+        ..AppState::new(store, Duration::from_secs(5))
+    });
     let request = http::Request::get("/token")
         .header(HEADER.0, HEADER.1)
         .body(axum::body::Body::empty())
