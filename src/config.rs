@@ -38,6 +38,9 @@ const SHORT_ENV: [(&str, &str); 4] = [
     ("KLAVI_SECRET_KEY_FILE", "klavi.secret_key_file"),
 ];
 
+/// Keys whose values are secrets: never quoted in an error.
+const SECRET_KEYS: [&str; 2] = ["klavi.access_key", "klavi.secret_key"];
+
 /// Keys whose environment values are taken verbatim as strings. Others
 /// are read as TOML-like scalars (`30` is a number, `true` a boolean); a
 /// key such as `007` must not lose its zeros that way.
@@ -229,7 +232,12 @@ impl ConfigError {
         } else {
             error.path.join(".")
         };
-        let mut message = error.kind.to_string();
+        // Figment quotes the offending value; for a key, that is the secret.
+        let mut message = if SECRET_KEYS.contains(&key.as_str()) {
+            "must be a string (the value is not shown)".to_string()
+        } else {
+            error.kind.to_string()
+        };
         if let Some(metadata) = &error.metadata {
             let origin = match (&error.profile, error.path.is_empty()) {
                 (Some(profile), false) => metadata.interpolate(profile, &error.path),
@@ -1151,6 +1159,20 @@ mod tests {
         });
         assert_eq!(error.key, "server.listen");
         assert!(error.message.contains("bad.toml"), "{error}");
+    }
+
+    #[test]
+    fn a_mistyped_secret_is_not_quoted_in_the_error() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[klavi]\nsecret_key = 987654321\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let error = error_of(&Sources {
+            file: Some(path),
+            ..env(&[("KLAVI_ACCESS_KEY", "a")])
+        });
+        assert_eq!(error.key, "klavi.secret_key");
+        assert!(!error.to_string().contains("987654321"), "{error}");
     }
 
     #[test]

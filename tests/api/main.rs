@@ -7,5 +7,6 @@
 mod helpers;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod routes;
 mod upstream;

@@ -1,0 +1,272 @@
+//! `/metrics` scraped from the running app and parsed as Prometheus text:
+//! every metric of SPEC section 6 with its type, and values that move.
+
+use std::time::Duration;
+
+use klavi_token_sidecar::fake_klavi::{FakeKlaviConfig, Outcome};
+use prometheus_parse::{Scrape, Value};
+use reqwest::StatusCode;
+
+use crate::helpers::{TestApp, eventually, json};
+
+async fn scrape(app: &TestApp) -> Scrape {
+    let response = app.http.get(app.ops_url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of the sample of `metric` with exactly these labels.
+fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<&'a Value> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == metric
+                && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                && s.labels.len() == labels.len()
+        })
+        .map(|s| &s.value)
+}
+
+fn counter(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    match sample(scrape, metric, labels) {
+        Some(Value::Counter(v)) => *v,
+        other => panic!("{metric}{labels:?} is not a counter: {other:?}"),
+    }
+}
+
+fn gauge(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    match sample(scrape, metric, labels) {
+        Some(Value::Gauge(v)) => *v,
+        other => panic!("{metric}{labels:?} is not a gauge: {other:?}"),
+    }
+}
+
+fn histogram_count(scrape: &Scrape, metric: &str) -> f64 {
+    match sample(scrape, metric, &[]) {
+        Some(Value::Histogram(buckets)) => {
+            let bounds: Vec<f64> = buckets.iter().map(|b| b.less_than).collect();
+            assert!(
+                bounds.contains(&0.005) && bounds.contains(&10.0),
+                "5 ms to 10 s: {bounds:?}"
+            );
+            buckets.iter().map(|b| b.count).fold(0.0, f64::max)
+        }
+        other => panic!("{metric} is not a histogram: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_metric_exists_and_moves() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |fake| fake.push([Outcome::token().after(Duration::from_millis(800))]),
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "0")],
+    )
+    .await;
+
+    // Before the first token: not ready, nothing fetched, failure series at 0.
+    let s = scrape(&app).await;
+    assert_eq!(gauge(&s, "klavi_sidecar_ready", &[]), 0.0);
+    assert_eq!(
+        gauge(&s, "klavi_sidecar_token_expiry_timestamp_seconds", &[]),
+        0.0
+    );
+    assert_eq!(
+        gauge(
+            &s,
+            "klavi_sidecar_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    for category in [
+        "credentials_rejected",
+        "rate_limited",
+        "upstream_unavailable",
+        "invalid_response",
+    ] {
+        assert_eq!(
+            counter(
+                &s,
+                "klavi_sidecar_refresh_total",
+                &[("result", "failure"), ("category", category)]
+            ),
+            0.0
+        );
+    }
+    assert!(
+        s.docs
+            .contains_key("klavi_sidecar_upstream_request_duration_seconds")
+    );
+
+    // The first token: success counted, ready, expiry equals the served expireAt.
+    let body = json(app.get_token("").await).await;
+    let s = scrape(&app).await;
+    assert_eq!(gauge(&s, "klavi_sidecar_ready", &[]), 1.0);
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_refresh_total",
+            &[("result", "success"), ("category", "none")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gauge(&s, "klavi_sidecar_token_expiry_timestamp_seconds", &[]),
+        body["expireAt"].as_f64().unwrap()
+    );
+    assert_eq!(
+        histogram_count(&s, "klavi_sidecar_upstream_request_duration_seconds"),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_token_requests_total",
+            &[("route", "/token"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_token_requests_waited_total",
+            &[("route", "/token")]
+        ),
+        1.0
+    );
+    assert!(
+        gauge(
+            &s,
+            "klavi_sidecar_last_refresh_success_timestamp_seconds",
+            &[]
+        ) > 1.7e9
+    );
+    let next = gauge(&s, "klavi_sidecar_next_refresh_timestamp_seconds", &[]);
+    let expiry = body["expireAt"].as_f64().unwrap();
+    assert!(
+        next > expiry - 300.0 && next < expiry,
+        "next refresh {next} before expiry {expiry}"
+    );
+    assert_eq!(
+        gauge(&s, "klavi_sidecar_upstream_requests_in_flight", &[]),
+        0.0
+    );
+
+    // Klavi fails with 500, then rejects the keys: each counted by category.
+    app.fake.push([Outcome::status(500), Outcome::status(401)]);
+    assert_eq!(app.refresh().await.status(), StatusCode::BAD_GATEWAY);
+    // The 500 backs off briefly; the next forced refresh meets the 401.
+    eventually(Duration::from_secs(5), "the 401 is fetched", || async {
+        app.refresh().await;
+        app.fake.calls() >= 3
+    })
+    .await;
+    let s = scrape(&app).await;
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_refresh_total",
+            &[("result", "failure"), ("category", "upstream_unavailable")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_refresh_total",
+            &[("result", "failure"), ("category", "credentials_rejected")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gauge(&s, "klavi_sidecar_refresh_consecutive_failures", &[]),
+        2.0
+    );
+    assert!(
+        counter(
+            &s,
+            "klavi_sidecar_forced_refreshes_total",
+            &[("outcome", "failed")]
+        ) >= 1.0
+    );
+    assert!(
+        counter(
+            &s,
+            "klavi_sidecar_token_requests_total",
+            &[("route", "/token/refresh"), ("status", "502")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        histogram_count(&s, "klavi_sidecar_upstream_request_duration_seconds"),
+        3.0
+    );
+    // Still serving the held token.
+    assert_eq!(gauge(&s, "klavi_sidecar_ready", &[]), 1.0);
+
+    // Unknown paths are counted as "unmatched", never by their raw path.
+    app.http
+        .get(app.url("/eyJsecret-looking-path"))
+        .send()
+        .await
+        .unwrap();
+    let s = scrape(&app).await;
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_token_requests_total",
+            &[("route", "unmatched"), ("status", "404")]
+        ),
+        1.0
+    );
+    assert!(
+        s.samples
+            .iter()
+            .all(|x| x.labels.values().all(|v| !v.contains("eyJ")))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_gauge_drops_when_the_token_expires() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(7),
+            ..FakeKlaviConfig::default()
+        },
+        |fake| {
+            fake.push([Outcome::token()]);
+            fake.set_default(Outcome::status(503));
+        },
+        &[],
+    )
+    .await;
+    eventually(Duration::from_secs(5), "ready", || async {
+        gauge(&scrape(&app).await, "klavi_sidecar_ready", &[]) == 1.0
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "not ready once within the margin",
+        || async { gauge(&scrape(&app).await, "klavi_sidecar_ready", &[]) == 0.0 },
+    )
+    .await;
+    let s = scrape(&app).await;
+    assert!(
+        counter(
+            &s,
+            "klavi_sidecar_refresh_total",
+            &[("result", "failure"), ("category", "upstream_unavailable")]
+        ) >= 1.0
+    );
+    app.stop().await;
+}
