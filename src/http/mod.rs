@@ -117,6 +117,7 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
                         );
                     },
                 )
+                .on_eos(())
                 .on_failure(()),
         )
         .with_state(state)

@@ -270,3 +270,33 @@ async fn readiness_gauge_drops_when_the_token_expires() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn every_metric_the_alert_rules_use_is_exported() {
+    let rules = include_str!("../../deploy/prometheus/alerts.yaml");
+    let mut used = std::collections::BTreeSet::new();
+    for (i, _) in rules.match_indices("klavi_sidecar_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        used.insert(name);
+    }
+    assert!(used.len() >= 4, "{used:?}");
+    let app = TestApp::spawn().await;
+    let response = app.http.get(app.ops_url("/metrics")).send().await.unwrap();
+    let text = response.text().await.unwrap();
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect();
+    for name in used {
+        assert!(
+            exported.contains(&name),
+            "alerts.yaml uses {name}, which /metrics does not export"
+        );
+    }
+    app.stop().await;
+}
