@@ -424,19 +424,46 @@ fn overrides_layer(overrides: &Overrides) -> KeyValues {
 
 /// Merges every layer into the raw configuration, without validating it.
 pub fn load_raw(sources: &Sources) -> Result<RawConfig, ConfigError> {
+    match sources.config_file() {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+            })?;
+            raw_from(Some((&path, &text)), sources)
+        }
+        None => raw_from(None, sources),
+    }
+}
+
+/// A TOML file's text as a figment layer, named after the file.
+struct TomlText<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Provider for TomlText<'_> {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", figment::Source::File(self.path.to_path_buf()))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(self.text).data()
+    }
+}
+
+/// Merges the layers, the file given as text (`(path, text)`), without
+/// validating. Never touches the file system.
+pub fn raw_from(file: Option<(&Path, &str)>, sources: &Sources) -> Result<RawConfig, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
-    if let Some(path) = sources.config_file() {
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
-        })?;
+    if let Some((path, text)) = file {
         // Parse once here so a syntax error names the file on one line.
-        toml::from_str::<toml::Table>(&text).map_err(|e| {
+        toml::from_str::<toml::Table>(text).map_err(|e| {
             ConfigError::new(
                 "--config",
                 format!("{} is not valid TOML: {}", path.display(), e.message()),
             )
         })?;
-        figment = figment.merge(Toml::file_exact(&path));
+        figment = figment.merge(TomlText { path, text });
     }
     figment = figment
         .merge(short_env_layer(sources))

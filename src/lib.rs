@@ -54,6 +54,8 @@ pub mod demo;
 pub mod error;
 pub mod expiry;
 pub mod fake_klavi;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod healthcheck;
 pub mod http;
 pub mod klavi;
