@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -23,7 +22,7 @@ use crate::http::{AppState, ops_router, token_router};
 use crate::klavi::KlaviClient;
 use crate::metrics::Metrics;
 use crate::refresher::Refresher;
-use crate::server::{self, BindError, Limits};
+use crate::server::{self, BindError};
 use crate::store::TokenStore;
 
 /// Why the service could not start.
@@ -148,10 +147,10 @@ impl Application {
             store,
             metrics,
             require_header: config.server.require_header,
-            // The longest legitimate request waits `refresh.wait_ms`.
-            request_timeout: config.refresh.wait + Duration::from_secs(5),
+            request_timeout: config.server.request_timeout,
+            max_body_bytes: config.server.max_body_bytes,
         };
-        let limits = Limits::default();
+        let limits = config.server.limits;
         let grace = config.server.shutdown_grace;
         let mut servers = JoinSet::new();
         servers.spawn(server::serve(

@@ -22,6 +22,7 @@ use url::{Host, Url};
 
 use crate::policy::RefreshPolicy;
 use crate::secret::Secret;
+use crate::server::Limits;
 
 /// Prefix of the environment keys.
 pub const ENV_PREFIX: &str = "KLAVI_SIDECAR_";
@@ -84,6 +85,17 @@ pub struct RawServer {
     pub require_header: bool,
     /// Drain time after SIGTERM/SIGINT, seconds. Default `10`.
     pub shutdown_grace_secs: u64,
+    /// Time to send a request's headers (and keep-alive idle time), ms.
+    /// Default `5000`.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head, bytes; larger gets 431. Default `16384`.
+    pub max_header_bytes: u64,
+    /// Largest request body, bytes; larger gets 413. Default `1024`.
+    pub max_body_bytes: u64,
+    /// Open connections per listener. Default `512`.
+    pub max_connections: u64,
+    /// Longest a request may take, ms; then 408. Default `10000`.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for RawServer {
@@ -94,6 +106,11 @@ impl Default for RawServer {
             ops_listen: "0.0.0.0:8090".into(),
             require_header: true,
             shutdown_grace_secs: 10,
+            header_read_timeout_ms: 5000,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 1024,
+            max_connections: 512,
+            request_timeout_ms: 10_000,
         }
     }
 }
@@ -497,6 +514,12 @@ pub struct ServerConfig {
     pub require_header: bool,
     /// Drain time after a stop signal.
     pub shutdown_grace: Duration,
+    /// Connection-level protections.
+    pub limits: Limits,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Longest a request may take.
+    pub request_timeout: Duration,
 }
 
 /// `[klavi]`, validated.
@@ -752,6 +775,8 @@ impl Config {
         }
         for (key, value) in [
             ("refresh.wait_ms", r.wait_ms),
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.request_timeout_ms", s.request_timeout_ms),
             ("refresh.backoff_initial_ms", r.backoff_initial_ms),
             ("klavi.connect_timeout_ms", k.connect_timeout_ms),
             ("klavi.request_timeout_ms", k.request_timeout_ms),
@@ -762,6 +787,32 @@ impl Config {
                     format!("{value} is more than 10 minutes"),
                 ));
             }
+        }
+
+        let header_read_timeout = Duration::from_millis(positive(
+            "server.header_read_timeout_ms",
+            s.header_read_timeout_ms,
+        )?);
+        let in_range = |key: &str, value: u64, low: u64, high: u64| {
+            if (low..=high).contains(&value) {
+                Ok(value)
+            } else {
+                Err(ConfigError::new(
+                    key,
+                    format!("{value} must be between {low} and {high}"),
+                ))
+            }
+        };
+        let max_header_bytes =
+            in_range("server.max_header_bytes", s.max_header_bytes, 1024, 1 << 20)?;
+        let max_body_bytes = in_range("server.max_body_bytes", s.max_body_bytes, 0, 1 << 20)?;
+        let max_connections = in_range("server.max_connections", s.max_connections, 1, 65_536)?;
+        let server_request_timeout = Duration::from_millis(s.request_timeout_ms);
+        if server_request_timeout <= Duration::from_millis(r.wait_ms) {
+            return Err(ConfigError::new(
+                "server.request_timeout_ms",
+                "must be longer than refresh.wait_ms, or waiting requests would be cut off",
+            ));
         }
 
         let log = match raw.log.format.trim().to_ascii_lowercase().as_str() {
@@ -781,6 +832,13 @@ impl Config {
                 ops_listen,
                 require_header: s.require_header,
                 shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+                limits: Limits {
+                    header_read_timeout,
+                    max_header_bytes: max_header_bytes as usize,
+                    max_connections: max_connections as usize,
+                },
+                max_body_bytes: max_body_bytes as usize,
+                request_timeout: server_request_timeout,
             },
             klavi: KlaviConfig {
                 auth_url,
@@ -872,6 +930,9 @@ mod tests {
         );
         assert!(config.server.require_header);
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.server.limits, Limits::default());
+        assert_eq!(config.server.max_body_bytes, 1024);
+        assert_eq!(config.server.request_timeout, Duration::from_secs(10));
         assert_eq!(
             config.klavi.auth_url.as_str(),
             "https://api-sandbox.klavi.ai/payment/customer/v1/auth"
@@ -1145,6 +1206,26 @@ mod tests {
                 with_keys(&[("KLAVI_SIDECAR_LOG__FORMAT", "xml")]),
                 "log.format",
                 "not one of",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_SERVER__MAX_HEADER_BYTES", "10")]),
+                "server.max_header_bytes",
+                "between",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "0")]),
+                "server.max_connections",
+                "between",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_SERVER__HEADER_READ_TIMEOUT_MS", "0")]),
+                "server.header_read_timeout_ms",
+                "greater than 0",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_SERVER__REQUEST_TIMEOUT_MS", "5000")]),
+                "server.request_timeout_ms",
+                "refresh.wait_ms",
             ),
             (
                 Sources {

@@ -31,6 +31,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// The request took longer than the server allows.
     RequestTimeout,
+    /// The request body is over `server.max_body_bytes`.
+    PayloadTooLarge,
 }
 
 #[derive(Serialize)]
@@ -70,6 +72,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -113,6 +116,10 @@ impl ApiError {
                 "this route does not accept that method; the Allow header lists the ones it does",
             ),
             Self::RequestTimeout => plain("request_timeout", "the request took too long"),
+            Self::PayloadTooLarge => plain(
+                "payload_too_large",
+                "the request body is larger than server.max_body_bytes; no route takes a body",
+            ),
         }
     }
 
@@ -191,6 +198,7 @@ mod tests {
             (ApiError::NotFound, 404, "not_found", None),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed", None),
             (ApiError::RequestTimeout, 408, "request_timeout", None),
+            (ApiError::PayloadTooLarge, 413, "payload_too_large", None),
         ];
         for (error, status, code, retry) in cases {
             let (got_status, got_retry, body) = render(error.clone()).await;

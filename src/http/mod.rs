@@ -21,6 +21,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use serde_json::json;
 use tokio::time::Instant;
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -42,6 +43,8 @@ pub struct AppState {
     pub require_header: bool,
     /// Longest time a request may take (answered 408 after).
     pub request_timeout: Duration,
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
 }
 
 impl AppState {
@@ -53,6 +56,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             require_header: true,
             request_timeout: wait + Duration::from_secs(5),
+            max_body_bytes: 1024,
         }
     }
 }
@@ -83,12 +87,13 @@ fn probe_routes() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-/// The layers every route shares, innermost first: the request timeout
-/// (408), JSON bodies for bare errors (that 408, axum's 405), request
-/// metrics, a tracing span.
+/// The layers every route shares, innermost first: the body limit (413),
+/// the request timeout (408), JSON bodies for bare errors (those, axum's
+/// 405), request metrics, a tracing span.
 fn finish(router: Router<AppState>, state: AppState) -> Router {
     router
         .fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(state.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             state.request_timeout,
@@ -145,6 +150,7 @@ async fn fill_bare_errors(response: Response) -> Response {
     let replacement = match response.status() {
         StatusCode::METHOD_NOT_ALLOWED if bare => ApiError::MethodNotAllowed,
         StatusCode::REQUEST_TIMEOUT if bare => ApiError::RequestTimeout,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         _ => return response,
     };
     let (mut parts, _) = response.into_parts();
