@@ -27,7 +27,7 @@ use axum::body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -55,7 +55,7 @@ impl Default for Limits {
 }
 
 /// One open connection, as the eviction logic sees it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Connection {
     /// Requests in progress on it.
     busy: AtomicUsize,
@@ -63,6 +63,10 @@ struct Connection {
     evicted: AtomicBool,
     /// Wakes the connection's task to close it.
     evict: Notify,
+    /// Its slot under `max_connections`; handed straight to the newcomer
+    /// when the connection is evicted, so the newcomer need not wait for
+    /// the close to finish.
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 /// The open connections, oldest first.
@@ -72,34 +76,46 @@ struct Registry {
 }
 
 impl Registry {
-    fn add(&self) -> Arc<Connection> {
-        let connection = Arc::new(Connection::default());
+    fn add(&self, slot: OwnedSemaphorePermit) -> Arc<Connection> {
+        let connection = Arc::new(Connection {
+            busy: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+            slot: Mutex::new(Some(slot)),
+        });
         self.lock().push_back(Arc::clone(&connection));
         connection
     }
 
+    /// Forgets a closed connection and frees its slot (unless an eviction
+    /// already handed the slot on).
     fn remove(&self, connection: &Arc<Connection>) {
         let mut open = self.lock();
         if let Some(i) = open.iter().position(|c| Arc::ptr_eq(c, connection)) {
             open.remove(i);
         }
+        drop(
+            connection
+                .slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
     }
 
-    /// Asks the oldest connection with no request in progress to close.
-    /// Returns whether there was one.
-    fn evict_idle(&self) -> bool {
+    /// Asks the oldest connection with no request in progress to close and
+    /// takes its slot, if there is such a connection.
+    fn evict_idle(&self) -> Option<OwnedSemaphorePermit> {
         let open = self.lock();
         let idle = open
             .iter()
-            .find(|c| c.busy.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire));
-        match idle {
-            Some(connection) => {
-                connection.evicted.store(true, Ordering::Release);
-                connection.evict.notify_one();
-                true
-            }
-            None => false,
-        }
+            .find(|c| c.busy.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire))?;
+        idle.evicted.store(true, Ordering::Release);
+        idle.evict.notify_one();
+        idle.slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Connection>>> {
@@ -188,23 +204,24 @@ pub async fn serve(
         };
         let permit = match Arc::clone(&slots).try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => {
-                if !registry.evict_idle() {
+            Err(_) => match registry.evict_idle() {
+                Some(permit) => permit,
+                None => {
                     tracing::debug!(
                         listener = name,
-                        "connection limit reached; waiting for a request to finish"
+                        "connection limit reached and every connection busy; waiting for one to finish"
                     );
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        permit = Arc::clone(&slots).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                    }
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    permit = Arc::clone(&slots).acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                }
-            }
+            },
         };
-        let connection = registry.add();
+        let connection = registry.add(permit);
         let service = Tracked {
             router: router.clone(),
             connection: Arc::clone(&connection),
@@ -213,7 +230,6 @@ pub async fn serve(
         let (shutdown, cut_off, registry) =
             (shutdown.clone(), cut_off.clone(), Arc::clone(&registry));
         tasks.spawn(async move {
-            let _permit = permit;
             drive(
                 name,
                 stream,

@@ -89,3 +89,160 @@ async fn http_1_0_and_pipelined_requests_are_answered() {
     assert_eq!(response.matches("HTTP/1.1 200").count(), 2, "{response}");
     app.stop().await;
 }
+
+/// An app with tight limits, so attacks play out in a fraction of a second.
+async fn tight_app() -> TestApp {
+    TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..Default::default()
+        },
+        |_| {},
+        &[
+            ("KLAVI_SIDECAR_SERVER__HEADER_READ_TIMEOUT_MS", "400"),
+            ("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "64"),
+        ],
+    )
+    .await
+}
+
+/// Whether the server has closed `stream` (EOF or reset) within `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a response (408/400) before the close
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_header_clients_are_cut_off_while_others_are_served() {
+    let app = tight_app().await;
+    assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    let request = b"GET /token HTTP/1.1\r\nHost: a\r\nKlavi-Sidecar: true\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut attackers = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(app.token).await.unwrap();
+        // Dribble the request a byte at a time, forever (bounded here).
+        attackers.push(tokio::spawn(async move {
+            for byte in request.iter().cycle().take(200) {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            closed_within(&mut stream, Duration::from_millis(10)).await
+        }));
+    }
+    for _ in 0..10 {
+        let started = tokio::time::Instant::now();
+        assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for attacker in attackers {
+        assert!(attacker.await.unwrap(), "a slow-header client was cut off");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let app = tight_app().await;
+    let mut stream = TcpStream::connect(app.token).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(2)).await,
+        "idle keep-alive closed"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_idle_connections_does_not_lock_out_a_well_behaved_client() {
+    // The default 5 s header timeout: without eviction, a newcomer would
+    // wait that long for a slot.
+    let app = TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "64")],
+    )
+    .await;
+    assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    // Thousands of connections against a cap of 64: half idle, half with a
+    // half-sent request. Without eviction, a new client would wait for the
+    // header timeouts to free slots.
+    let mut flood = Vec::new();
+    for i in 0..2000 {
+        let Ok(mut stream) = TcpStream::connect(app.token).await else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = stream
+                .write_all(b"GET /token HTTP/1.1\r\nHost: a\r\n")
+                .await;
+        }
+        flood.push(stream);
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let started = tokio::time::Instant::now();
+        let response = app.get_token("").await;
+        worst = worst.max(started.elapsed());
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    println!("worst latency under a 2,000-connection flood: {worst:?}");
+    assert!(
+        worst < Duration::from_secs(2),
+        "worst latency under the flood: {worst:?}"
+    );
+    drop(flood);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_json() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .post(app.url("/token/refresh"))
+        .header(crate::helpers::HEADER.0, crate::helpers::HEADER.1)
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "payload_too_large");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn non_utf8_paths_are_rejected_cleanly() {
+    let app = TestApp::spawn().await;
+    let response = raw_exchange(
+        app.token,
+        b"GET /\xff\xfe HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    let response = raw_exchange(
+        app.token,
+        b"GET /%FF%FE HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    assert!(response.contains("not_found"));
+    assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    app.stop().await;
+}
