@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::{Application, StartError};
 use crate::config::{self, Config, ConfigError, Overrides, Sources};
-use crate::fake_klavi::{DEMO_ACCESS_KEY, DEMO_SECRET_KEY, FakeKlavi, FakeKlaviConfig};
+use crate::fake_klavi::{
+    Chaos, DEMO_ACCESS_KEY, DEMO_SECRET_KEY, FakeKlavi, FakeKlaviConfig, Outcome,
+};
 use crate::{demo, healthcheck, shutdown, telemetry};
 
 /// Keeps a valid Klavi payment API token and serves it to apps in the same
@@ -85,6 +87,15 @@ pub struct FakeKlaviArgs {
     /// The accepted secret key.
     #[arg(long, default_value = DEMO_SECRET_KEY, value_name = "S")]
     pub secret_key: String,
+    /// Faults to mix into the answers, comma-separated: ok, ttl:SECS,
+    /// same, expired, status:CODE[:RETRY_AFTER], delay:MS, hang, reset,
+    /// garbage, empty-token, huge, skew:SECS.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub faults: Vec<Outcome>,
+    /// Fraction of requests, 0 to 1, that get one of --faults (picked at
+    /// random).
+    #[arg(long, default_value_t = 0.2, value_name = "R")]
+    pub fault_rate: f64,
 }
 
 /// `healthcheck` options.
@@ -209,9 +220,20 @@ async fn run_fake(args: FakeKlaviArgs) -> ExitCode {
             );
         }
     };
+    if !(0.0..=1.0).contains(&args.fault_rate) {
+        return fail(EXIT_CONFIG, "--fault-rate must be between 0 and 1");
+    }
+    if !args.faults.is_empty() {
+        fake.set_chaos(Some(Chaos {
+            rate: args.fault_rate,
+            faults: args.faults.clone(),
+        }));
+    }
     tracing::info!(
         url = %format!("{}{}", fake.base_url(), crate::fake_klavi::AUTH_PATH),
         token_ttl_secs = args.token_ttl,
+        faults = args.faults.len(),
+        fault_rate = args.fault_rate,
         "fake Klavi listening"
     );
     fake.run_until(shutdown::on_signals()).await;

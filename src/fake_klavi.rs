@@ -138,10 +138,80 @@ impl Outcome {
         self
     }
 
-    /// The same answer with a `Date` header `secs` off.
+    /// The same answer from a Klavi whose clock is `secs` off: its `Date`
+    /// header and the expiry of any token it issues.
     pub fn skewed(mut self, secs: i64) -> Self {
         self.date_skew_secs = secs;
         self
+    }
+
+    /// A 2xx body larger than the sidecar accepts (100 KiB).
+    pub fn huge_body() -> Self {
+        let padding = "x".repeat(100 * 1024);
+        Self::body(format!(
+            r#"{{"accessToken":"t","expireIn":300,"padding":"{padding}"}}"#
+        ))
+    }
+}
+
+/// An outcome that cannot be read from text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown fault {0:?}; expected one of: ok, ttl:SECS, same, expired, status:CODE[:RETRY_AFTER], delay:MS, hang, reset, garbage, empty-token, huge, skew:SECS"
+)]
+pub struct UnknownFault(pub String);
+
+/// Outcomes by name, for `fake-klavi --faults` and test scripts:
+/// `ok`, `ttl:SECS` (a token of that lifetime), `same` (the last token
+/// again), `expired` (a token already expired), `status:CODE[:RETRY_AFTER]`,
+/// `delay:MS` (a token, late), `hang`, `reset`, `garbage` (not JSON),
+/// `empty-token`, `huge` (a 100 KiB body), `skew:SECS` (a token from a
+/// clock that far off).
+impl std::str::FromStr for Outcome {
+    type Err = UnknownFault;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let unknown = || UnknownFault(text.to_string());
+        let mut parts = text.trim().split(':');
+        let name = parts.next().unwrap_or_default();
+        let arg = parts.next();
+        let extra = parts.next();
+        let takes_arg = matches!(name, "ttl" | "status" | "delay" | "skew");
+        if arg.is_some() != takes_arg || (extra.is_some() && name != "status") {
+            return Err(unknown());
+        }
+        let number =
+            |arg: Option<&str>| arg.and_then(|a| a.parse::<u64>().ok()).ok_or_else(unknown);
+        let outcome = match name {
+            "ok" | "token" => Self::token(),
+            "ttl" => Self::token_ttl(Duration::from_secs(number(arg)?)),
+            "same" => Self::from(Reply::SameToken),
+            "expired" => Self::token_ttl(Duration::ZERO),
+            "status" => {
+                let status = number(arg)?;
+                if !(100..=599).contains(&status) {
+                    return Err(unknown());
+                }
+                match extra {
+                    Some(after) => Self::status_retry_after(status as u16, after),
+                    None => Self::status(status as u16),
+                }
+            }
+            "delay" => Self::token().after(Duration::from_millis(number(arg)?)),
+            "hang" => Self::from(Reply::Hang),
+            "reset" => Self::from(Reply::Reset),
+            "garbage" => Self::body("<html><body>502 Bad Gateway</body></html>"),
+            "empty-token" => Self::body(r#"{"accessToken":"","expireIn":300}"#),
+            "huge" => Self::huge_body(),
+            "skew" => {
+                let secs = arg
+                    .and_then(|a| a.parse::<i64>().ok())
+                    .ok_or_else(unknown)?;
+                Self::token().skewed(secs)
+            }
+            _ => return Err(unknown()),
+        };
+        Ok(outcome)
     }
 }
 
@@ -164,11 +234,21 @@ pub struct Recorded {
     pub body: Bytes,
 }
 
+/// Random faults mixed into the default answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chaos {
+    /// Fraction of requests, 0 to 1, that get a fault.
+    pub rate: f64,
+    /// The faults, picked uniformly.
+    pub faults: Vec<Outcome>,
+}
+
 #[derive(Debug)]
 struct State {
     config: FakeKlaviConfig,
     script: Mutex<VecDeque<Outcome>>,
     default: Mutex<Outcome>,
+    chaos: Mutex<Option<Chaos>>,
     calls: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
@@ -199,6 +279,7 @@ impl FakeKlavi {
             config,
             script: Mutex::new(VecDeque::new()),
             default: Mutex::new(Outcome::token()),
+            chaos: Mutex::new(None),
             calls: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
@@ -234,6 +315,11 @@ impl FakeKlavi {
     /// Sets the answer once the queue is empty.
     pub fn set_default(&self, outcome: Outcome) {
         *lock(&self.state.default) = outcome;
+    }
+
+    /// Mixes random faults into the default answers (`None` stops).
+    pub fn set_chaos(&self, chaos: Option<Chaos>) {
+        *lock(&self.state.chaos) = chaos;
     }
 
     /// Auth requests received so far.
@@ -363,9 +449,17 @@ async fn handle(
         body: body.clone(),
     });
 
-    let outcome = lock(&state.script)
-        .pop_front()
-        .unwrap_or_else(|| lock(&state.default).clone());
+    let scripted = lock(&state.script).pop_front();
+    let outcome = scripted.unwrap_or_else(|| {
+        let chaos = lock(&state.chaos).clone();
+        match chaos {
+            Some(chaos) if !chaos.faults.is_empty() && rand::random::<f64>() < chaos.rate => {
+                let pick = rand::random_range(0..chaos.faults.len());
+                chaos.faults[pick].clone()
+            }
+            _ => lock(&state.default).clone(),
+        }
+    });
     if !outcome.delay.is_zero() {
         tokio::select! {
             () = state.stop.cancelled() => return Err(ScriptedReset),
@@ -374,7 +468,11 @@ async fn handle(
     }
     let mut response = match outcome.reply {
         Reply::Token { ttl } => match check_keys(&state.config, &body) {
-            Ok(()) => issue_token(&state, ttl.unwrap_or(state.config.token_ttl)),
+            Ok(()) => issue_token(
+                &state,
+                ttl.unwrap_or(state.config.token_ttl),
+                outcome.date_skew_secs,
+            ),
             Err(response) => *response,
         },
         Reply::SameToken => {
@@ -384,7 +482,7 @@ async fn handle(
                     StatusCode::OK,
                     &json!({"accessToken": token, "expireAt": expire_at}),
                 ),
-                None => issue_token(&state, state.config.token_ttl),
+                None => issue_token(&state, state.config.token_ttl, outcome.date_skew_secs),
             }
         }
         Reply::Status {
@@ -439,12 +537,14 @@ fn check_keys(config: &FakeKlaviConfig, body: &[u8]) -> Result<(), Box<FakeRespo
     }
 }
 
-fn issue_token(state: &State, ttl: Duration) -> FakeResponse {
+/// A new JWT-shaped token from a clock `skew_secs` off the real one.
+fn issue_token(state: &State, ttl: Duration, skew_secs: i64) -> FakeResponse {
     let n = state.issued.fetch_add(1, Ordering::SeqCst) + 1;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .saturating_add_signed(skew_secs);
     let expire_at = now + ttl.as_secs();
     let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"ES256","typ":"JWT"}"#);
     let claims = json!({"iss": "fake-klavi", "iat": now, "exp": expire_at, "jti": n});
@@ -456,4 +556,52 @@ fn issue_token(state: &State, ttl: Duration) -> FakeResponse {
         StatusCode::OK,
         &json!({"accessToken": token, "expireAt": expire_at}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_by_name() {
+        let s = Duration::from_secs;
+        let cases: Vec<(&str, Outcome)> = vec![
+            ("ok", Outcome::token()),
+            ("ttl:3", Outcome::token_ttl(s(3))),
+            ("ttl:31536000", Outcome::token_ttl(s(31_536_000))),
+            ("same", Outcome::from(Reply::SameToken)),
+            ("expired", Outcome::token_ttl(Duration::ZERO)),
+            ("status:503", Outcome::status(503)),
+            ("status:429:7", Outcome::status_retry_after(429, "7")),
+            (
+                "delay:1500",
+                Outcome::token().after(Duration::from_millis(1500)),
+            ),
+            ("hang", Outcome::from(Reply::Hang)),
+            ("reset", Outcome::from(Reply::Reset)),
+            ("huge", Outcome::huge_body()),
+            ("skew:-3600", Outcome::token().skewed(-3600)),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(name.parse::<Outcome>(), Ok(expected), "{name}");
+        }
+        assert!(matches!(
+            "garbage".parse::<Outcome>().map(|o| o.reply),
+            Ok(Reply::Raw { status: 200, .. })
+        ));
+        for bad in [
+            "",
+            "nope",
+            "status",
+            "status:abc",
+            "status:99",
+            "ttl",
+            "ttl:-1",
+            "hang:1",
+            "skew:x",
+            "ok:1",
+        ] {
+            assert!(bad.parse::<Outcome>().is_err(), "{bad}");
+        }
+    }
 }
