@@ -65,6 +65,8 @@ pub mod refresher;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+#[doc(hidden)]
+pub mod soak;
 pub mod store;
 pub mod telemetry;
 pub mod token;

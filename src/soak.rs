@@ -1,0 +1,427 @@
+//! The chaos soak harness: real HTTP load on `/token` while the fake Klavi
+//! flips between healthy and every fault it knows, checking SPEC section
+//! 5's guarantees continuously.
+//!
+//! Used by `tests/soak.rs` (a short run inside `cargo test`) and by
+//! `examples/soak.rs` / `scripts/soak` (a long run). The sidecar runs as a
+//! separate process so its memory can be sampled; the fake runs in the
+//! harness's process so faults switch instantly.
+//!
+//! Invariants checked:
+//! 1. no 200 carries a token with less than the serve margin left;
+//! 2. no request fails while the token served last still had more than the
+//!    serve margin (plus a second of slack) left;
+//! 3. never more than one auth request in flight at the fake;
+//! 4. after each fault ends, `/readyz` is 200 again within
+//!    `backoff_max` plus one second;
+//! 5. the sidecar's RSS at the end is within a bound of its RSS after
+//!    warm-up.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use crate::fake_klavi::{Chaos, FakeKlavi, Outcome};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct SoakConfig {
+    /// `http://ADDR` of the token listener.
+    pub token_base: String,
+    /// `http://ADDR` of the ops listener.
+    pub ops_base: String,
+    /// Total run time (bounded: the run always stops by then plus a phase).
+    pub duration: Duration,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Pause between one client's requests.
+    pub pacing: Duration,
+    /// Length of each fault phase.
+    pub fault_phase: Duration,
+    /// Length of each healthy phase between faults.
+    pub healthy_phase: Duration,
+    /// The sidecar's `refresh.serve_margin_secs`.
+    pub serve_margin: Duration,
+    /// The sidecar's `refresh.backoff_max_secs`.
+    pub backoff_max: Duration,
+    /// Allowed RSS growth from after warm-up to the end, bytes.
+    pub rss_growth_limit: u64,
+}
+
+/// The faults cycled through, each followed by a healthy phase.
+pub fn fault_cycle() -> Vec<(String, Option<Chaos>, Option<Outcome>)> {
+    let named = [
+        "status:500",
+        "status:503:1",
+        "status:429:1",
+        "status:429",
+        "status:401",
+        "status:403",
+        "hang",
+        "reset",
+        "garbage",
+        "empty-token",
+        "huge",
+        "expired",
+        "same",
+        "ttl:2",
+        "skew:3600",
+        "skew:-3600",
+        "delay:700",
+    ];
+    let mut cycle: Vec<_> = named
+        .iter()
+        .filter_map(|name| Some((name.to_string(), None, Some(name.parse::<Outcome>().ok()?))))
+        .collect();
+    let mixed: Vec<Outcome> = named.iter().filter_map(|n| n.parse().ok()).collect();
+    cycle.push((
+        "chaos (half the answers faulty)".to_string(),
+        Some(Chaos {
+            rate: 0.5,
+            faults: mixed,
+        }),
+        None,
+    ));
+    cycle
+}
+
+/// What a run saw.
+#[derive(Debug, Default)]
+pub struct SoakReport {
+    /// Requests made.
+    pub requests: u64,
+    /// 200 answers.
+    pub ok: u64,
+    /// Other answers, by status and error code (or transport error).
+    pub failures: BTreeMap<String, u64>,
+    /// Auth requests the fake received.
+    pub upstream_calls: u64,
+    /// Most auth requests in flight at once.
+    pub max_in_flight: u64,
+    /// Slowest answer.
+    pub worst_latency: Duration,
+    /// Fault phases run.
+    pub phases: u64,
+    /// Slowest return to ready after a fault.
+    pub worst_recovery: Duration,
+    /// RSS after warm-up and at the end, bytes (if sampled).
+    pub rss_start: Option<u64>,
+    /// RSS at the end.
+    pub rss_end: Option<u64>,
+    /// Highest RSS seen.
+    pub rss_peak: Option<u64>,
+    /// Broken invariants (the first few in full).
+    pub violations: Vec<String>,
+    /// How many violations in all.
+    pub violation_count: u64,
+}
+
+impl SoakReport {
+    /// A printable summary.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let mib = |b: Option<u64>| {
+            b.map_or("n/a".to_string(), |b| {
+                format!("{:.1} MiB", b as f64 / 1048576.0)
+            })
+        };
+        let _ = writeln!(out, "requests           {}", self.requests);
+        let _ = writeln!(out, "200                {}", self.ok);
+        for (reason, n) in &self.failures {
+            let _ = writeln!(out, "non-200 {reason:<24} {n}");
+        }
+        let _ = writeln!(out, "fault phases       {}", self.phases);
+        let _ = writeln!(out, "upstream calls     {}", self.upstream_calls);
+        let _ = writeln!(out, "max in flight      {}", self.max_in_flight);
+        let _ = writeln!(out, "worst latency      {:?}", self.worst_latency);
+        let _ = writeln!(out, "worst recovery     {:?}", self.worst_recovery);
+        let _ = writeln!(
+            out,
+            "RSS warm / end     {} / {} (peak {})",
+            mib(self.rss_start),
+            mib(self.rss_end),
+            mib(self.rss_peak)
+        );
+        let _ = writeln!(out, "violations         {}", self.violation_count);
+        for v in &self.violations {
+            let _ = writeln!(out, "  {v}");
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    worst_latency_us: AtomicU64,
+    failures: Mutex<BTreeMap<String, u64>>,
+    /// (when answered, expireAt) of the 200 answered last.
+    last_served: Mutex<Option<(Instant, i64)>>,
+    violations: Mutex<(Vec<String>, u64)>,
+    stop: AtomicBool,
+    /// The phase running, for the violation messages.
+    phase: Mutex<String>,
+}
+
+impl Shared {
+    fn violation(&self, what: String) {
+        let phase = self
+            .phase
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut v = self
+            .violations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        v.1 += 1;
+        if v.0.len() < 20 {
+            v.0.push(format!("[{phase}] {what}"));
+        }
+    }
+
+    fn enter(&self, phase: &str) {
+        *self.phase.lock().unwrap_or_else(PoisonError::into_inner) = phase.to_string();
+    }
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, shared: Arc<Shared>) {
+    let margin = config.serve_margin.as_secs() as i64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let result = http.get(&url).header("Klavi-Sidecar", "true").send().await;
+        let outcome = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body = response.json::<serde_json::Value>().await.ok();
+                Ok((status, body))
+            }
+            Err(error) => Err(error),
+        };
+        let latency = started.elapsed();
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        shared
+            .worst_latency_us
+            .fetch_max(latency.as_micros() as u64, Ordering::Relaxed);
+        match outcome {
+            Ok((200, Some(body))) => {
+                shared.ok.fetch_add(1, Ordering::Relaxed);
+                let expires_in = body["expiresIn"].as_i64().unwrap_or(-1);
+                let expire_at = body["expireAt"].as_i64().unwrap_or(0);
+                let left = expire_at as f64 - now_unix();
+                // expireAt is whole seconds, rounded down: up to 1 s less.
+                if expires_in < margin || left < margin as f64 - 1.5 {
+                    shared.violation(format!(
+                        "served a token with expiresIn {expires_in}, {left:.1} s to expireAt (margin {margin} s)"
+                    ));
+                }
+                let answered = Instant::now();
+                let mut last = shared
+                    .last_served
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if last.is_none_or(|(at, _)| at <= answered) {
+                    *last = Some((answered, expire_at));
+                }
+            }
+            other => {
+                let reason = match &other {
+                    Ok((status, body)) => format!(
+                        "{status} {}",
+                        body.as_ref()
+                            .and_then(|b| b["error"].as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    ),
+                    Err(error) if error.is_timeout() => "timeout".to_string(),
+                    Err(_) => "connection error".to_string(),
+                };
+                *shared
+                    .failures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(reason.clone())
+                    .or_default() += 1;
+                // Only a token answered before this request began says the
+                // sidecar held it when this request arrived.
+                let last = *shared
+                    .last_served
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if let Some((answered, expire_at)) = last
+                    && answered <= started
+                {
+                    let left = expire_at as f64 - now_unix();
+                    // Slack: whole-second expireAt and the time on the wire.
+                    if left > margin as f64 + 2.0 {
+                        shared.violation(format!(
+                            "{reason} while the token served last had {left:.1} s left"
+                        ));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(config.pacing).await;
+    }
+}
+
+/// Waits until `/readyz` answers 200; returns how long that took, or
+/// `None` if not within `limit`.
+async fn time_to_ready(http: &reqwest::Client, url: &str, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() <= limit {
+        if let Ok(response) = http.get(url).send().await
+            && response.status() == reqwest::StatusCode::OK
+        {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// Runs the soak: load from `config.clients` clients while `fake` cycles
+/// through [`fault_cycle`], until `config.duration` has passed.
+/// `rss` samples the sidecar's resident memory in bytes.
+pub async fn run(
+    config: SoakConfig,
+    fake: &FakeKlavi,
+    rss: impl Fn() -> Option<u64>,
+) -> SoakReport {
+    crate::klavi::install_crypto_provider();
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared::default());
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap_or_default();
+    let token_url = format!("{}/token", config.token_base);
+    let ready_url = format!("{}/readyz", config.ops_base);
+    let mut report = SoakReport::default();
+
+    // Ready before the load starts.
+    if time_to_ready(&http, &ready_url, Duration::from_secs(10))
+        .await
+        .is_none()
+    {
+        report
+            .violations
+            .push("the sidecar never became ready".into());
+        report.violation_count = 1;
+        return report;
+    }
+    let clients: Vec<_> = (0..config.clients)
+        .map(|_| {
+            tokio::spawn(client(
+                http.clone(),
+                token_url.clone(),
+                Arc::clone(&config),
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+
+    let started = Instant::now();
+    let mut peak = None::<u64>;
+    let sample = |peak: &mut Option<u64>| {
+        let now = rss();
+        if let Some(now) = now {
+            *peak = Some(peak.map_or(now, |p| p.max(now)));
+        }
+        now
+    };
+    let cycle = fault_cycle();
+    for (i, (name, chaos, outcome)) in cycle.iter().cycle().enumerate() {
+        if started.elapsed() >= config.duration {
+            break;
+        }
+        // Healthy first, so the first sample is after warm-up.
+        shared.enter("healthy");
+        fake.set_chaos(None);
+        fake.set_default(Outcome::token());
+        tokio::time::sleep(config.healthy_phase).await;
+        if i == 0 {
+            report.rss_start = sample(&mut peak);
+        } else {
+            sample(&mut peak);
+        }
+
+        shared.enter(name);
+        fake.set_chaos(chaos.clone());
+        if let Some(outcome) = outcome {
+            fake.set_default(outcome.clone());
+        }
+        tokio::time::sleep(config.fault_phase).await;
+        report.phases += 1;
+
+        shared.enter(&format!("recovering from {name}"));
+        fake.set_chaos(None);
+        fake.set_default(Outcome::token());
+        let limit = config.backoff_max + Duration::from_secs(1);
+        match time_to_ready(&http, &ready_url, limit + Duration::from_secs(30)).await {
+            Some(took) => {
+                report.worst_recovery = report.worst_recovery.max(took);
+                if took > limit {
+                    shared.violation(format!(
+                        "ready {took:?} after the {name} fault ended (limit {limit:?})"
+                    ));
+                }
+            }
+            None => shared.violation(format!("never ready again after the {name} fault")),
+        }
+        if fake.max_in_flight() > 1 {
+            shared.violation(format!(
+                "{} auth requests in flight during {name}",
+                fake.max_in_flight()
+            ));
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    report.rss_end = sample(&mut peak);
+    report.rss_peak = peak;
+    if let (Some(start), Some(end)) = (report.rss_start, report.rss_end)
+        && end > start + config.rss_growth_limit
+    {
+        shared.violation(format!("RSS grew from {start} to {end} bytes"));
+    }
+
+    report.requests = shared.requests.load(Ordering::Relaxed);
+    report.ok = shared.ok.load(Ordering::Relaxed);
+    report.worst_latency = Duration::from_micros(shared.worst_latency_us.load(Ordering::Relaxed));
+    report.failures = shared
+        .failures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    report.upstream_calls = fake.calls();
+    report.max_in_flight = fake.max_in_flight();
+    let violations = shared
+        .violations
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    report.violations = violations.0.clone();
+    report.violation_count = violations.1;
+    report
+}
+
+/// Resident set size of process `pid`, bytes (Linux).
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

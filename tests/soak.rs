@@ -1,0 +1,98 @@
+//! A short chaos soak inside `cargo test` (about 25 s): the sidecar binary
+//! under load while the fake Klavi cycles through every fault. The long
+//! run is `scripts/soak`; both use `klavi_token_sidecar::soak`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
+use klavi_token_sidecar::soak::{self, SoakConfig};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the sidecar if the test fails before stopping it.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_keeps_every_guarantee() {
+    let fake = FakeKlavi::start_local(FakeKlaviConfig {
+        // Short tokens with a 1 s serve margin: a refresh every ~2 s, so
+        // faults hit refreshes and tokens run out within a phase.
+        token_ttl: Duration::from_secs(4),
+        ..FakeKlaviConfig::default()
+    })
+    .await
+    .unwrap();
+    let (token_port, ops_port) = (free_port(), free_port());
+    let sidecar = Command::new(env!("CARGO_BIN_EXE_klavi-token-sidecar"))
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{token_port}"),
+            "--ops-listen",
+            &format!("127.0.0.1:{ops_port}"),
+        ])
+        .env_clear()
+        .envs([
+            ("KLAVI_ACCESS_KEY", "demo-access-key"),
+            ("KLAVI_SECRET_KEY", "demo-secret-key"),
+            ("KLAVI_SIDECAR_KLAVI__BASE_URL", fake.base_url().as_str()),
+            ("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "1000"),
+            ("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "2"),
+            ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
+            ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "300"),
+            ("KLAVI_SIDECAR_REFRESH__SERVE_MARGIN_SECS", "1"),
+            ("RUST_LOG", "warn"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sidecar = Child(sidecar);
+    let pid = sidecar.0.id();
+
+    let report = soak::run(
+        SoakConfig {
+            token_base: format!("http://127.0.0.1:{token_port}"),
+            ops_base: format!("http://127.0.0.1:{ops_port}"),
+            duration: Duration::from_secs(22),
+            clients: 16,
+            pacing: Duration::from_millis(2),
+            fault_phase: Duration::from_millis(1000),
+            healthy_phase: Duration::from_millis(300),
+            serve_margin: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(2),
+            rss_growth_limit: 8 << 20,
+        },
+        &fake,
+        || soak::rss_of(pid),
+    )
+    .await;
+    println!("{}", report.summary());
+    drop(sidecar);
+    fake.stop().await;
+
+    assert_eq!(report.violation_count, 0, "{}", report.summary());
+    assert!(report.phases >= 10, "{}", report.summary());
+    assert!(
+        report.ok > 1000 && report.upstream_calls > 10,
+        "{}",
+        report.summary()
+    );
+    assert!(report.rss_start.is_some());
+}
