@@ -21,6 +21,8 @@ pub enum ApiError {
     ProxiedRequest,
     /// `min_ttl` is not a non-negative integer.
     InvalidMinTtl,
+    /// `min_ttl` asks for more than a whole fresh token lives.
+    MinTtlTooLong,
     /// No servable token could be had in time.
     TokenUnavailable(Unavailable),
     /// A forced refresh failed.
@@ -56,7 +58,9 @@ fn unavailable_message(u: &Unavailable, forced: bool) -> String {
             "the last attempt to fetch a token from Klavi failed and the next one is not due yet"
         }
         UnavailableReason::TaskStopped => "the refresh task is not running",
-        UnavailableReason::MinTtlTooLong => "min_ttl is longer than a fresh token lives",
+        UnavailableReason::MinTtlTooLong => {
+            "min_ttl is longer than a fresh token lives (answered 400)"
+        }
     };
     format!("{what}: {why}; see lastError and retry after Retry-After seconds")
 }
@@ -66,7 +70,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingHeader | Self::ProxiedRequest => StatusCode::FORBIDDEN,
-            Self::InvalidMinTtl => StatusCode::BAD_REQUEST,
+            Self::InvalidMinTtl | Self::MinTtlTooLong => StatusCode::BAD_REQUEST,
             Self::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamError(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -96,6 +100,11 @@ impl ApiError {
             Self::InvalidMinTtl => plain(
                 "invalid_min_ttl",
                 "min_ttl must be a non-negative whole number of seconds, e.g. ?min_ttl=60",
+            ),
+            Self::MinTtlTooLong => plain(
+                "min_ttl_too_long",
+                "min_ttl is longer than a fresh token from Klavi lives, so it can never be met; \
+                 ask for less (readyz's expiresIn after a refresh shows a token's lifetime)",
             ),
             Self::TokenUnavailable(u) => Body {
                 error: "token_unavailable",
@@ -177,6 +186,7 @@ mod tests {
             (ApiError::MissingHeader, 403, "missing_header", None),
             (ApiError::ProxiedRequest, 403, "proxied_request", None),
             (ApiError::InvalidMinTtl, 400, "invalid_min_ttl", None),
+            (ApiError::MinTtlTooLong, 400, "min_ttl_too_long", None),
             (
                 ApiError::TokenUnavailable(unavailable),
                 503,

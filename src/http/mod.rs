@@ -29,7 +29,7 @@ pub use error::ApiError;
 
 use crate::error::Category;
 use crate::metrics::{ForcedOutcome, Metrics, route_label};
-use crate::store::TokenStore;
+use crate::store::{TokenStore, UnavailableReason};
 use crate::token::Token;
 
 /// What the handlers share.
@@ -251,6 +251,9 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
     }
     match result {
         Ok(token) => token_response(&token, plain_text),
+        Err(unavailable) if unavailable.reason == UnavailableReason::MinTtlTooLong => {
+            ApiError::MinTtlTooLong.into_response()
+        }
         Err(unavailable) => ApiError::TokenUnavailable(unavailable).into_response(),
     }
 }

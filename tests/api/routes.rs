@@ -228,12 +228,12 @@ async fn min_ttl_is_validated_and_served() {
     assert_eq!(response.status(), StatusCode::OK);
     assert!(json(response).await["expiresIn"].as_u64().unwrap() >= 200);
     assert_eq!(app.fake.calls(), 1, "enough time left: no refresh");
-    // More than a whole token's lifetime cannot be had.
+    // More than a whole token's lifetime can never be had: a client error.
     let response = app.get_token("?min_ttl=3600").await;
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(!response.headers().contains_key("retry-after"));
     let body = json(response).await;
-    assert_eq!(body["error"], "token_unavailable");
+    assert_eq!(body["error"], "min_ttl_too_long");
     assert!(body["message"].as_str().unwrap().contains("min_ttl"));
     assert_eq!(app.fake.calls(), 1);
     app.stop().await;

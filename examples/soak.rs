@@ -1,0 +1,124 @@
+//! The long chaos soak: `scripts/soak [SECONDS]` runs this against the
+//! release binary. See `klavi_token_sidecar::soak` for what it checks.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
+use klavi_token_sidecar::soak::{self, SoakConfig};
+
+/// Chaos soak of the sidecar binary on loopback.
+#[derive(Debug, Parser)]
+struct Args {
+    /// How long to run, seconds.
+    #[arg(long, default_value_t = 600)]
+    duration_secs: u64,
+    /// The sidecar binary.
+    #[arg(long, default_value = "target/release/klavi-token-sidecar")]
+    binary: PathBuf,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Pause between one client's requests, ms.
+    #[arg(long, default_value_t = 5)]
+    pacing_ms: u64,
+    /// Lifetime of the fake's tokens, seconds.
+    #[arg(long, default_value_t = 30)]
+    token_ttl_secs: u64,
+    /// Length of each fault phase, seconds (longer than a token's servable
+    /// life, so tokens run out during faults).
+    #[arg(long, default_value_t = 30)]
+    fault_secs: u64,
+    /// Length of each healthy phase, seconds.
+    #[arg(long, default_value_t = 5)]
+    healthy_secs: u64,
+    /// Write the sidecar's log here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(clean) if clean => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("soak: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let backoff_max = Duration::from_secs(5);
+    let fake = FakeKlavi::start_local(FakeKlaviConfig {
+        token_ttl: Duration::from_secs(args.token_ttl_secs),
+        ..FakeKlaviConfig::default()
+    })
+    .await?;
+    let (token_port, ops_port) = (free_port()?, free_port()?);
+    let stderr = match &args.log {
+        Some(path) => Stdio::from(std::fs::File::create(path)?),
+        None => Stdio::null(),
+    };
+    let mut sidecar = Command::new(&args.binary)
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{token_port}"),
+            "--ops-listen",
+            &format!("127.0.0.1:{ops_port}"),
+        ])
+        .env_clear()
+        .envs([
+            ("KLAVI_ACCESS_KEY", "demo-access-key"),
+            ("KLAVI_SECRET_KEY", "demo-secret-key"),
+            ("KLAVI_SIDECAR_KLAVI__BASE_URL", fake.base_url().as_str()),
+            ("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "2000"),
+            ("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "5"),
+            ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "1000"),
+            ("RUST_LOG", "info"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()?;
+    let pid = sidecar.id();
+    println!(
+        "soak: {} s, {} clients, {} s tokens, {} s faults / {} s healthy, sidecar pid {pid}",
+        args.duration_secs, args.clients, args.token_ttl_secs, args.fault_secs, args.healthy_secs
+    );
+    let report = soak::run(
+        SoakConfig {
+            token_base: format!("http://127.0.0.1:{token_port}"),
+            ops_base: format!("http://127.0.0.1:{ops_port}"),
+            duration: Duration::from_secs(args.duration_secs),
+            clients: args.clients,
+            pacing: Duration::from_millis(args.pacing_ms),
+            fault_phase: Duration::from_secs(args.fault_secs),
+            healthy_phase: Duration::from_secs(args.healthy_secs),
+            serve_margin: Duration::from_secs(5),
+            backoff_max,
+            rss_growth_limit: 2 << 20,
+        },
+        &fake,
+        || soak::rss_of(pid),
+    )
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let exit = sidecar.wait()?;
+    fake.stop().await;
+    print!("{}", report.summary());
+    println!("sidecar exit       {exit}");
+    Ok(report.violation_count == 0 && exit.success())
+}
