@@ -121,47 +121,65 @@ fn config_failure(error: &ConfigError) -> ExitCode {
     fail(EXIT_CONFIG, format!("configuration error: {error}"))
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    // Two workers: a sidecar lives on a fraction of a CPU beside the app.
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+/// The runtime: one thread for `workers == 1` (see `runtime.worker_threads`
+/// in config/default.toml), else a multi-threaded one (0: one per CPU).
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 1 {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
 }
 
-/// Parses the command line and runs the command.
+/// Runs `future` on a runtime of `workers` threads.
+fn block_on(workers: usize, future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match runtime(workers) {
+        Ok(runtime) => runtime.block_on(future),
+        Err(error) => fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
+    }
+}
+
+/// Parses the command line and runs the command. Configuration is read
+/// before the runtime starts, since it says how many threads to run.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(EXIT_FAILURE, format!("cannot start the runtime: {error}")),
-    };
     let outer = cli.flags;
     match cli.command {
-        None => runtime.block_on(run(Sources::from_process(
+        None => run(&Sources::from_process(
             cli.config,
             outer.or(ServiceFlags::default()),
-        ))),
-        Some(Command::Run(flags)) => {
-            runtime.block_on(run(Sources::from_process(cli.config, flags.or(outer))))
-        }
+        )),
+        Some(Command::Run(flags)) => run(&Sources::from_process(cli.config, flags.or(outer))),
         Some(Command::Demo(flags)) => {
-            runtime.block_on(run_demo(Sources::from_process(cli.config, flags.or(outer))))
+            let sources = Sources::from_process(cli.config, flags.or(outer));
+            let raw = match config::load_raw(&sources) {
+                Ok(raw) => raw,
+                Err(error) => return config_failure(&error),
+            };
+            match config::worker_threads(&raw.runtime) {
+                Ok(workers) => block_on(workers, run_demo(raw)),
+                Err(error) => config_failure(&error),
+            }
         }
-        Some(Command::FakeKlavi(args)) => runtime.block_on(run_fake(args)),
+        Some(Command::FakeKlavi(args)) => block_on(1, run_fake(args)),
         Some(Command::CheckConfig(flags)) => {
             check_config(&Sources::from_process(cli.config, flags.or(outer)))
         }
         Some(Command::Healthcheck(args)) => {
             let sources = Sources::from_process(cli.config, Overrides::default());
-            runtime.block_on(healthcheck::run(args.url, &sources))
+            block_on(1, healthcheck::run(args.url, &sources))
         }
     }
 }
 
-async fn run(sources: Sources) -> ExitCode {
-    match config::load(&sources) {
-        Ok(config) => serve(config, None).await,
+fn run(sources: &Sources) -> ExitCode {
+    match config::load(sources) {
+        Ok(config) => block_on(config.worker_threads, serve(config, None)),
         Err(error) => config_failure(&error),
     }
 }
@@ -183,7 +201,7 @@ async fn serve(config: Config, fake: Option<FakeKlavi>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run_demo(sources: Sources) -> ExitCode {
+async fn run_demo(raw: config::RawConfig) -> ExitCode {
     let fake = match FakeKlavi::start_local(FakeKlaviConfig {
         token_ttl: demo::TOKEN_TTL,
         ..FakeKlaviConfig::default()
@@ -198,7 +216,7 @@ async fn run_demo(sources: Sources) -> ExitCode {
             );
         }
     };
-    match demo::config(&sources, &fake.base_url()) {
+    match demo::config(raw, &fake.base_url()) {
         Ok(config) => serve(config, Some(fake)).await,
         Err(error) => config_failure(&error),
     }

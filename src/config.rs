@@ -69,6 +69,8 @@ pub struct RawConfig {
     pub refresh: RawRefresh,
     /// `[log]`
     pub log: RawLog,
+    /// `[runtime]`
+    pub runtime: RawRuntime,
 }
 
 /// `[server]`: the two listeners.
@@ -193,6 +195,21 @@ impl Default for RawRefresh {
             wait_ms: 5000,
             fallback_ttl_secs: 300,
         }
+    }
+}
+
+/// `[runtime]`: the async runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRuntime {
+    /// Worker threads: 1 runs everything on one thread, 0 means one per
+    /// CPU the process may use. Default `1`.
+    pub worker_threads: u64,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        Self { worker_threads: 1 }
     }
 }
 
@@ -568,6 +585,8 @@ pub struct Config {
     pub refresh: RefreshConfig,
     /// `[log]`
     pub log: LogFormat,
+    /// Worker threads of the runtime (0: one per CPU).
+    pub worker_threads: usize,
     /// What it was built from, for `check-config`.
     pub raw: RawConfig,
 }
@@ -860,6 +879,7 @@ impl Config {
                 fallback_ttl,
             },
             log,
+            worker_threads: worker_threads(&raw.runtime)?,
             raw,
         })
     }
@@ -867,6 +887,17 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string(&self.raw).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `runtime.worker_threads`, checked.
+pub fn worker_threads(runtime: &RawRuntime) -> Result<usize, ConfigError> {
+    match runtime.worker_threads {
+        n @ 0..=64 => Ok(n as usize),
+        n => Err(ConfigError::new(
+            "runtime.worker_threads",
+            format!("{n} must be between 0 (one per CPU) and 64"),
+        )),
     }
 }
 
@@ -947,6 +978,7 @@ mod tests {
         assert_eq!(config.refresh.wait, Duration::from_millis(5000));
         assert_eq!(config.refresh.fallback_ttl, Duration::from_secs(300));
         assert_eq!(config.log, LogFormat::Text);
+        assert_eq!(config.worker_threads, 1);
     }
 
     #[test]
@@ -982,6 +1014,7 @@ mod tests {
         );
         assert_eq!(parsed.refresh, expected.refresh);
         assert_eq!(parsed.log, expected.log);
+        assert_eq!(parsed.runtime, expected.runtime);
         // And the file as shipped (all commented) is valid and yields defaults.
         let shipped: RawConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(shipped, RawConfig::default());
@@ -1210,6 +1243,11 @@ mod tests {
             (
                 with_keys(&[("KLAVI_SIDECAR_SERVER__MAX_HEADER_BYTES", "10")]),
                 "server.max_header_bytes",
+                "between",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_RUNTIME__WORKER_THREADS", "1000")]),
+                "runtime.worker_threads",
                 "between",
             ),
             (

@@ -4,17 +4,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{self, Config, ConfigError, Sources};
+use crate::config::{Config, ConfigError, RawConfig};
 use crate::fake_klavi::{DEMO_ACCESS_KEY, DEMO_SECRET_KEY};
 use crate::secret::Secret;
 
 /// Demo tokens live 30 s, so refreshes show within a minute.
 pub const TOKEN_TTL: Duration = Duration::from_secs(30);
 
-/// The configuration as loaded, pointed at the fake with the demo keys.
-/// Listeners, refresh policy and logging still come from the usual layers.
-pub fn config(sources: &Sources, fake_base_url: &str) -> Result<Config, ConfigError> {
-    let mut raw = config::load_raw(sources)?;
+/// The configuration as loaded (`raw`), pointed at the fake with the demo
+/// keys. Listeners, refresh policy and logging still come from the usual
+/// layers.
+pub fn config(mut raw: RawConfig, fake_base_url: &str) -> Result<Config, ConfigError> {
     raw.klavi.base_url = fake_base_url.to_string();
     raw.klavi.auth_path = crate::fake_klavi::AUTH_PATH.to_string();
     raw.klavi.access_key = Some(Secret::new(DEMO_ACCESS_KEY));

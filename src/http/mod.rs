@@ -159,15 +159,6 @@ async fn fill_bare_errors(response: Response) -> Response {
     Response::from_parts(parts, body)
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct TokenBody<'a> {
-    access_token: &'a str,
-    token_type: &'static str,
-    expire_at: i64,
-    expires_in: u64,
-}
-
 /// Whether the client asked for the bare token: `text/plain` listed before
 /// any JSON type in `Accept`.
 fn wants_plain_text(request: &Request) -> bool {
@@ -191,23 +182,16 @@ fn wants_plain_text(request: &Request) -> bool {
 }
 
 fn token_response(token: &Token, plain_text: bool) -> Response {
-    if plain_text {
-        return (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            )],
-            token.value().expose().to_string(),
-        )
-            .into_response();
-    }
-    Json(TokenBody {
-        access_token: token.value().expose(),
-        token_type: "Bearer",
-        expire_at: token.expire_at_unix(),
-        expires_in: token.remaining(Instant::now()).as_secs(),
-    })
-    .into_response()
+    let (content_type, body) = if plain_text {
+        ("text/plain; charset=utf-8", token.plain_body())
+    } else {
+        ("application/json", token.json_body(Instant::now()))
+    };
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
 }
 
 /// `min_ttl` from the query string: `Ok(None)` when absent.
