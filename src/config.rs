@@ -386,11 +386,28 @@ fn env_name(key: &str) -> String {
     )
 }
 
+/// An environment value as figment should see it: verbatim for string
+/// keys, else a boolean or number when it reads as one, else the string
+/// (which then fails to deserialise with an error naming the key).
+///
+/// Figment's own `Value::from_str` is not used: it panics on some inputs
+/// (a quoted string with a multi-byte character before a backslash; found
+/// by fuzzing), and a bad environment must be an error, not a crash.
 fn env_value(key: &str, raw: &str) -> Value {
     if STRING_KEYS.contains(&key) {
-        Value::from(raw.to_string())
+        return Value::from(raw.to_string());
+    }
+    let trimmed = raw.trim();
+    if let Ok(b) = trimmed.parse::<bool>() {
+        Value::from(b)
+    } else if let Ok(n) = trimmed.parse::<u64>() {
+        Value::from(n)
+    } else if let Ok(n) = trimmed.parse::<i64>() {
+        Value::from(n)
+    } else if let Some(f) = trimmed.parse::<f64>().ok().filter(|f| f.is_finite()) {
+        Value::from(f)
     } else {
-        raw.parse().unwrap_or_else(|_| Value::from(raw.to_string()))
+        Value::from(raw.to_string())
     }
 }
 
@@ -1078,6 +1095,34 @@ mod tests {
             config.klavi.secret_key,
             KeySource::Inline(Secret::new("1.50"))
         );
+    }
+
+    #[test]
+    fn hostile_environment_values_are_errors_not_panics() {
+        // Figment's own parser panics on this one (fuzzing found it).
+        let cases = [
+            "\"é\\",
+            "\"\\u{",
+            "[1,2",
+            "{a=1}",
+            "0x10",
+            "1e400",
+            "-0",
+            "true false",
+        ];
+        for value in cases {
+            let result = load(&with_keys(&[("KLAVI_SIDECAR_REFRESH__WAIT_MS", value)]));
+            assert!(result.is_err() || value == "-0", "{value:?}");
+        }
+        let config = load(&with_keys(&[
+            ("KLAVI_SIDECAR_REFRESH__JITTER_RATIO", "0.25"),
+            ("KLAVI_SIDECAR_SERVER__REQUIRE_HEADER", "false"),
+            ("KLAVI_SIDECAR_REFRESH__WAIT_MS", " 700 "),
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.refresh.policy.jitter_ratio, 0.25);
+        assert!(!config.server.require_header);
+        assert_eq!(config.refresh.wait, Duration::from_millis(700));
     }
 
     #[test]
