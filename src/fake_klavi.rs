@@ -33,6 +33,9 @@ pub const DEMO_ACCESS_KEY: &str = "demo-access-key";
 pub const DEMO_SECRET_KEY: &str = "demo-secret-key";
 /// The path the fake answers on (Klavi's auth path).
 pub const AUTH_PATH: &str = "/payment/customer/v1/auth";
+/// Counters for scripts and benchmarks: `{"calls", "in_flight",
+/// "max_in_flight", "issued"}` (not part of Klavi's API).
+pub const STATS_PATH: &str = "/_fake/stats";
 
 /// How the fake answers by default.
 #[derive(Debug, Clone)]
@@ -414,6 +417,15 @@ async fn handle(
     state: Arc<State>,
     request: Request<Incoming>,
 ) -> Result<FakeResponse, ScriptedReset> {
+    if request.uri().path() == STATS_PATH {
+        let stats = json!({
+            "calls": state.calls.load(Ordering::SeqCst),
+            "in_flight": state.in_flight.load(Ordering::SeqCst),
+            "max_in_flight": state.max_in_flight.load(Ordering::SeqCst),
+            "issued": state.issued.load(Ordering::SeqCst),
+        });
+        return Ok(json_response(StatusCode::OK, &stats));
+    }
     if request.uri().path() != AUTH_PATH {
         return Ok(json_response(
             StatusCode::NOT_FOUND,

@@ -292,11 +292,23 @@ async fn drive(
     }
 }
 
-/// Binds `addr` for the listener configured by `key`.
+/// Pending connections the kernel may queue (it caps this at
+/// `net.core.somaxconn`): a cold-start burst waits here, not in SYN retries.
+const BACKLOG: u32 = 4096;
+
+/// Binds `addr` for the listener configured by `key`, with address reuse
+/// (a restarted sidecar rebinds at once) and a deep backlog.
 pub async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| BindError { key, addr, source })
+    let error = |source| BindError { key, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(error)?;
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    socket.listen(BACKLOG).map_err(error)
 }
 
 /// A listener could not be bound.

@@ -1,0 +1,464 @@
+//! The benchmark driver behind `scripts/bench`: the sidecar against a bare
+//! hyper reference server, side by side on loopback, plus start-up time,
+//! binary size and a cold-start burst. Prints one table; see BENCHMARKS.md.
+//!
+//! Every process it starts, it stops; every loop is bounded.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Directory holding the release binaries.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds of A/B alternation per connection count.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Connection counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "8,64")]
+    connections: Vec<u32>,
+    /// wrk threads.
+    #[arg(long, default_value_t = 2)]
+    wrk_threads: u32,
+    /// Concurrent requests in the cold-start burst.
+    #[arg(long, default_value_t = 10_000)]
+    burst: usize,
+}
+
+type Error = Box<dyn std::error::Error>;
+
+/// A child process, stopped (SIGTERM, then kill) when dropped.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, command: &mut Command) -> Result<Self, Error> {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Self { child, name })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("bench: {} did not stop on SIGTERM; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> Result<SocketAddr, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// One HTTP/1.1 GET; returns (status, body).
+fn get(addr: SocketAddr, path: &str, header: bool) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let extra = if header {
+        "Klavi-Sidecar: true\r\n"
+    } else {
+        ""
+    };
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: bench\r\n{extra}Connection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let status = std::str::from_utf8(response.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or_else(Vec::new, |i| response[i + 4..].to_vec());
+    Ok((status, body))
+}
+
+fn wait_for(addr: SocketAddr, path: &str, limit: Duration) -> Result<Duration, Error> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if matches!(get(addr, path, true), Ok((200, _))) {
+            return Ok(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Err(format!("{addr}{path} not 200 within {limit:?}").into())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of `pid`, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[derive(Debug, Clone, Default)]
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    cpu_us_per_request: f64,
+    errors: u64,
+}
+
+fn wrk(args: &Args, addr: SocketAddr, connections: u32, pid: u32, tick: f64) -> Result<Run, Error> {
+    let before = cpu_ticks(pid);
+    let output = Command::new("wrk")
+        .args([
+            "-t",
+            &args.wrk_threads.min(connections).to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{}s", args.seconds),
+            "-H",
+            "Klavi-Sidecar: true",
+            "-s",
+            "scripts/wrk-report.lua",
+            &format!("http://{addr}/token"),
+        ])
+        .output()?;
+    let after = cpu_ticks(pid);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT "))
+        .ok_or_else(|| format!("no RESULT from wrk: {text}"))?;
+    let fields: BTreeMap<&str, f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    let value = |k: &str| fields.get(k).copied().unwrap_or(0.0);
+    let requests = value("requests").max(1.0);
+    Ok(Run {
+        rps: requests / (value("duration_us") / 1e6),
+        p50_us: value("p50"),
+        p99_us: value("p99"),
+        p999_us: value("p999"),
+        cpu_us_per_request: (after.saturating_sub(before)) as f64 / tick * 1e6 / requests,
+        errors: value("errors") as u64,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn sidecar_command(bin: &Path, token: SocketAddr, ops: SocketAddr, klavi: SocketAddr) -> Command {
+    let mut command = Command::new(bin.join("klavi-token-sidecar"));
+    command
+        .args([
+            "run",
+            "--listen",
+            &token.to_string(),
+            "--ops-listen",
+            &ops.to_string(),
+        ])
+        .env_clear()
+        .env("KLAVI_ACCESS_KEY", "demo-access-key")
+        .env("KLAVI_SECRET_KEY", "demo-secret-key")
+        .env("KLAVI_SIDECAR_KLAVI__BASE_URL", format!("http://{klavi}"))
+        .env("RUST_LOG", "warn");
+    command
+}
+
+fn fake_command(bin: &Path, addr: SocketAddr, extra: &[&str]) -> Command {
+    let mut command = Command::new(bin.join("klavi-token-sidecar"));
+    command
+        .args([
+            "fake-klavi",
+            "--listen",
+            &addr.to_string(),
+            "--token-ttl",
+            "3600",
+        ])
+        .args(extra)
+        .env_clear();
+    command
+}
+
+/// Fires `n` concurrent GET /token, each on its own connection; returns
+/// (time until the last answer, statuses).
+fn burst(addr: SocketAddr, n: usize) -> Result<(Duration, BTreeMap<u16, usize>), Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            tasks.spawn(async move {
+                let attempt = async {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                    stream
+                        .write_all(b"GET /token HTTP/1.1\r\nHost: bench\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n")
+                        .await?;
+                    let mut response = Vec::new();
+                    stream.read_to_end(&mut response).await?;
+                    Ok::<_, std::io::Error>(
+                        std::str::from_utf8(response.get(9..12).unwrap_or_default())
+                            .ok()
+                            .and_then(|s| s.parse::<u16>().ok())
+                            .unwrap_or(0),
+                    )
+                };
+                tokio::time::timeout(Duration::from_secs(60), attempt)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0)
+            });
+        }
+        let mut statuses = BTreeMap::new();
+        while let Some(status) = tasks.join_next().await {
+            *statuses.entry(status.unwrap_or(0)).or_insert(0) += 1;
+        }
+        Ok((started.elapsed(), statuses))
+    })
+}
+
+fn main() -> Result<(), Error> {
+    let args = Args::parse();
+    let bin = args.bin_dir.clone();
+    let tick = clock_ticks_per_second();
+    let mut report = String::new();
+
+    // --- Steady state: sidecar vs reference, A B A B.
+    let klavi = free_addr()?;
+    let _fake = Proc::spawn("fake Klavi", &mut fake_command(&bin, klavi, &[]))?;
+    let (token, ops) = (free_addr()?, free_addr()?);
+    let sidecar = Proc::spawn("sidecar", &mut sidecar_command(&bin, token, ops, klavi))?;
+    wait_for(ops, "/readyz", Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_rss = rss_kib(sidecar.pid());
+    let (status, body) = get(token, "/token", true)?;
+    if status != 200 {
+        return Err(format!("GET /token answered {status}").into());
+    }
+    let body_file =
+        std::env::temp_dir().join(format!("klavi-bench-body-{}.json", std::process::id()));
+    std::fs::write(&body_file, &body)?;
+    let reference_addr = free_addr()?;
+    let reference = Proc::spawn(
+        "reference server",
+        Command::new(bin.join("examples/reference_server"))
+            .args(["--listen", &reference_addr.to_string(), "--body-file"])
+            .arg(&body_file),
+    )?;
+    let ref_deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(reference_addr).is_err() {
+        if Instant::now() > ref_deadline {
+            return Err("the reference server did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ref_idle_rss = rss_kib(reference.pid());
+
+    let mut results: BTreeMap<(u32, &str), Vec<Run>> = BTreeMap::new();
+    for &connections in &args.connections {
+        // Warm both up.
+        let warm = Args {
+            seconds: 2,
+            ..Args::parse()
+        };
+        wrk(&warm, token, connections, sidecar.pid(), tick)?;
+        wrk(&warm, reference_addr, connections, reference.pid(), tick)?;
+        for round in 1..=args.rounds {
+            for (name, addr, pid) in [
+                ("sidecar", token, sidecar.pid()),
+                ("reference", reference_addr, reference.pid()),
+            ] {
+                let run = wrk(&args, addr, connections, pid, tick)?;
+                eprintln!(
+                    "  c={connections:<3} round {round} {name:<9} {:>9.0} req/s  p50 {:>5.0} µs  p99 {:>5.0} µs  p99.9 {:>6.0} µs  cpu {:>5.2} µs/req  errors {}",
+                    run.rps,
+                    run.p50_us,
+                    run.p99_us,
+                    run.p999_us,
+                    run.cpu_us_per_request,
+                    run.errors
+                );
+                results.entry((connections, name)).or_default().push(run);
+            }
+        }
+    }
+    let loaded_rss = rss_kib(sidecar.pid());
+    let ref_loaded_rss = rss_kib(reference.pid());
+    drop(reference);
+    drop(sidecar);
+    let _ = std::fs::remove_file(&body_file);
+
+    report.push_str(
+        "| connections | metric | sidecar | reference | ratio |\n|---|---|---|---|---|\n",
+    );
+    for &connections in &args.connections {
+        let side = &results[&(connections, "sidecar")];
+        let refr = &results[&(connections, "reference")];
+        let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let rows: [(&str, fn(&Run) -> f64, &str); 5] = [
+            ("requests/s", |r| r.rps, "{:.0}"),
+            ("p50 latency (µs)", |r| r.p50_us, "{:.0}"),
+            ("p99 latency (µs)", |r| r.p99_us, "{:.0}"),
+            ("p99.9 latency (µs)", |r| r.p999_us, "{:.0}"),
+            (
+                "CPU time per request (µs)",
+                |r| r.cpu_us_per_request,
+                "{:.2}",
+            ),
+        ];
+        for (label, f, _) in rows {
+            let (a, b) = (m(side, f), m(refr, f));
+            let fmt = |v: f64| {
+                if v < 100.0 {
+                    format!("{v:.2}")
+                } else {
+                    format!("{v:.0}")
+                }
+            };
+            report.push_str(&format!(
+                "| {connections} | {label} | {} | {} | {:.2} |\n",
+                fmt(a),
+                fmt(b),
+                a / b.max(1e-9)
+            ));
+        }
+        let errors: u64 = side.iter().chain(refr).map(|r| r.errors).sum();
+        report.push_str(&format!(
+            "| {connections} | errors (all runs) | {errors} | | |\n"
+        ));
+    }
+    report.push_str(&format!(
+        "| | RSS idle (MiB) | {:.1} | {:.1} | {:.2} |\n| | RSS after load (MiB) | {:.1} | {:.1} | {:.2} |\n",
+        idle_rss as f64 / 1024.0,
+        ref_idle_rss as f64 / 1024.0,
+        idle_rss as f64 / ref_idle_rss.max(1) as f64,
+        loaded_rss as f64 / 1024.0,
+        ref_loaded_rss as f64 / 1024.0,
+        loaded_rss as f64 / ref_loaded_rss.max(1) as f64,
+    ));
+
+    // --- Start to first /healthz 200, median of 10.
+    let mut startups = Vec::new();
+    for _ in 0..10 {
+        let (token, ops) = (free_addr()?, free_addr()?);
+        let started = Instant::now();
+        let proc = Proc::spawn("sidecar", &mut sidecar_command(&bin, token, ops, klavi))?;
+        let mut first = None;
+        while started.elapsed() < Duration::from_secs(5) {
+            if matches!(get(ops, "/healthz", false), Ok((200, _))) {
+                first = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        drop(proc);
+        startups.push(first.ok_or("no /healthz 200 within 5 s")?.as_secs_f64() * 1e3);
+    }
+    let startup_median = median(startups.clone());
+
+    // --- Binary size.
+    let size = std::fs::metadata(bin.join("klavi-token-sidecar"))?.len();
+
+    // --- Cold-start burst: the fake answers after 1 s.
+    let slow_klavi = free_addr()?;
+    let _slow_fake = Proc::spawn(
+        "slow fake Klavi",
+        &mut fake_command(
+            &bin,
+            slow_klavi,
+            &["--faults", "delay:1000", "--fault-rate", "1"],
+        ),
+    )?;
+    let (token, ops) = (free_addr()?, free_addr()?);
+    let cold = Proc::spawn(
+        "sidecar",
+        &mut sidecar_command(&bin, token, ops, slow_klavi),
+    )?;
+    wait_for(ops, "/healthz", Duration::from_secs(5))?;
+    let (took, statuses) = burst(token, args.burst)?;
+    let burst_rss = rss_kib(cold.pid());
+    let (_, stats) = get(slow_klavi, "/_fake/stats", false)?;
+    let stats: serde_json::Value = serde_json::from_slice(&stats)?;
+    drop(cold);
+
+    report.push_str(&format!(
+        "\n| measure | value |\n|---|---|\n| start to first /healthz 200, median of 10 | {startup_median:.1} ms (all: {}) |\n| stripped release binary | {:.2} MiB ({size} bytes) |\n| cold-start burst: requests | {} |\n| cold-start burst: answers by status | {} |\n| cold-start burst: upstream calls | {} |\n| cold-start burst: time until the last answer | {:.2} s (Klavi answers after 1 s) |\n| RSS after the burst | {:.1} MiB |\n",
+        startups.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(", "),
+        size as f64 / 1048576.0,
+        args.burst,
+        statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", "),
+        stats["calls"],
+        took.as_secs_f64(),
+        burst_rss as f64 / 1024.0,
+    ));
+    println!("{report}");
+    Ok(())
+}
