@@ -6,10 +6,10 @@
 //!   idle for that long, are closed;
 //! - a header size limit, answered 431;
 //! - a cap on open connections. When it is reached, the oldest connection
-//!   with no request in progress is closed to make room, so a flood of idle
-//!   or half-sent connections cannot lock out a well-behaved client; only
-//!   connections busy with requests (bounded by the request timeout, a
-//!   layer of the routers) make a new one wait;
+//!   that has sent no complete request for half a second is closed to make
+//!   room, so a flood of idle or half-sent connections cannot hold the
+//!   listener for the whole header timeout; keep-alive connections of real
+//!   clients and requests in progress are never evicted;
 //! - on shutdown, every connection is asked to finish its request in
 //!   flight and close; whatever is left after the grace is cut off.
 
@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -49,7 +50,7 @@ impl Default for Limits {
         Self {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
-            max_connections: 512,
+            max_connections: 1024,
         }
     }
 }
@@ -59,6 +60,12 @@ impl Default for Limits {
 struct Connection {
     /// Requests in progress on it.
     busy: AtomicUsize,
+    /// Its last read found nothing to read: the client is not sending.
+    waiting: AtomicBool,
+    /// It has answered a request (a keep-alive connection of a real client).
+    served: AtomicBool,
+    /// When it was accepted.
+    accepted_at: Instant,
     /// Asked to close.
     evicted: AtomicBool,
     /// Wakes the connection's task to close it.
@@ -67,6 +74,29 @@ struct Connection {
     /// when the connection is evicted, so the newcomer need not wait for
     /// the close to finish.
     slot: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+/// How often a newcomer waiting at the cap looks for an evictable
+/// connection again.
+const EVICTION_RETRY: Duration = Duration::from_millis(20);
+
+/// A fresh connection gets this long to send a request before it may be
+/// evicted: real clients write right after connecting, so a burst loses
+/// no request, while idle and slow-header connections are cut long before
+/// the header timeout.
+const FRESH_GRACE: Duration = Duration::from_millis(500);
+
+impl Connection {
+    /// Never answered a request, none in progress, nothing being sent, and
+    /// older than [`FRESH_GRACE`]. Keep-alive connections of clients that
+    /// made requests are left to the header timeout, so an app's pooled
+    /// connection survives a flood.
+    fn is_evictable(&self) -> bool {
+        self.busy.load(Ordering::Acquire) == 0
+            && self.waiting.load(Ordering::Acquire)
+            && !self.served.load(Ordering::Acquire)
+            && self.accepted_at.elapsed() >= FRESH_GRACE
+    }
 }
 
 /// The open connections, oldest first.
@@ -79,6 +109,9 @@ impl Registry {
     fn add(&self, slot: OwnedSemaphorePermit) -> Arc<Connection> {
         let connection = Arc::new(Connection {
             busy: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            served: AtomicBool::new(false),
+            accepted_at: Instant::now(),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
             slot: Mutex::new(Some(slot)),
@@ -109,7 +142,7 @@ impl Registry {
         let open = self.lock();
         let idle = open
             .iter()
-            .find(|c| c.busy.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire))?;
+            .find(|c| !c.evicted.load(Ordering::Acquire) && c.is_evictable())?;
         idle.evicted.store(true, Ordering::Release);
         idle.evict.notify_one();
         idle.slot
@@ -135,7 +168,69 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        self.0.served.store(true, Ordering::Release);
         self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The socket, recording on its connection whether the last read found
+/// nothing to read.
+struct Watched {
+    stream: TcpStream,
+    connection: Arc<Connection>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let waiting = match &result {
+            std::task::Poll::Pending => true,
+            std::task::Poll::Ready(Ok(())) => buf.filled().len() == before,
+            std::task::Poll::Ready(Err(_)) => true,
+        };
+        self.connection.waiting.store(waiting, Ordering::Release);
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -204,22 +299,31 @@ pub async fn serve(
         };
         let permit = match Arc::clone(&slots).try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => match registry.evict_idle() {
-                Some(permit) => permit,
-                None => {
-                    tracing::debug!(
-                        listener = name,
-                        "connection limit reached and every connection busy; waiting for one to finish"
-                    );
+            Err(_) => {
+                // At the cap: take the slot of a connection idle long
+                // enough, or wait for one to close or become evictable.
+                let mut waited = false;
+                loop {
+                    if let Some(permit) = registry.evict_idle() {
+                        break permit;
+                    }
+                    if !waited {
+                        tracing::debug!(
+                            listener = name,
+                            "connection limit reached; waiting for a slot"
+                        );
+                        waited = true;
+                    }
                     tokio::select! {
-                        () = shutdown.cancelled() => break,
+                        () = shutdown.cancelled() => return drain(name, listener, tasks, cut_off, grace).await,
                         permit = Arc::clone(&slots).acquire_owned() => match permit {
-                            Ok(permit) => permit,
-                            Err(_) => break,
+                            Ok(permit) => break permit,
+                            Err(_) => return drain(name, listener, tasks, cut_off, grace).await,
                         },
+                        () = tokio::time::sleep(EVICTION_RETRY) => {}
                     }
                 }
-            },
+            }
         };
         let connection = registry.add(permit);
         let service = Tracked {
@@ -243,6 +347,18 @@ pub async fn serve(
             registry.remove(&connection);
         });
     }
+    drain(name, listener, tasks, cut_off, grace).await;
+}
+
+/// Stops accepting, waits up to `grace` for the connections to finish
+/// their requests and close, then cuts off the rest.
+async fn drain(
+    name: &'static str,
+    listener: TcpListener,
+    tasks: TaskTracker,
+    cut_off: CancellationToken,
+    grace: Duration,
+) {
     drop(listener);
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
@@ -263,12 +379,16 @@ async fn drive(
     stream: TcpStream,
     builder: &hyper::server::conn::http1::Builder,
     service: Tracked,
-    connection: &Connection,
+    connection: &Arc<Connection>,
     shutdown: &CancellationToken,
     cut_off: &CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = Watched {
+        stream,
+        connection: Arc::clone(connection),
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
     loop {

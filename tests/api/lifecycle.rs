@@ -251,3 +251,33 @@ async fn rotated_key_files_are_picked_up_without_a_restart() {
     assert_eq!(app.fake.calls(), calls + 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_beyond_the_connection_cap_loses_no_request() {
+    // 300 concurrent requests on fresh connections against a cap of 50,
+    // during a cold start: the connections beyond the cap wait for a slot;
+    // none is evicted with its request unread.
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig::default(),
+        |fake| fake.push([Outcome::token().after(Duration::from_millis(300))]),
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "50")],
+    )
+    .await;
+    let statuses = concurrent(300, || {
+        let url = app.url("/token");
+        async move {
+            let http = crate::helpers::client();
+            http.get(url)
+                .header(HEADER.0, HEADER.1)
+                .send()
+                .await
+                .map(|r| r.status())
+        }
+    })
+    .await;
+    for status in statuses {
+        assert_eq!(status.expect("answered, not reset"), StatusCode::OK);
+    }
+    assert_eq!(app.fake.calls(), 1);
+    app.stop().await;
+}
