@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{SystemClock, WallClock};
 use crate::config::{Config, ConfigError};
 use crate::credentials::Credentials;
-use crate::http::{AppState, ops_router, token_router};
+use crate::http::{AppState, ops_router, token_fast_path, token_router};
 use crate::klavi::KlaviClient;
 use crate::metrics::Metrics;
 use crate::refresher::Refresher;
@@ -157,6 +157,7 @@ impl Application {
             "token",
             token_listener,
             token_router(state.clone()),
+            Some(token_fast_path(state.clone())),
             limits,
             shutdown.clone(),
             grace,
@@ -166,6 +167,7 @@ impl Application {
                 "ops",
                 listener,
                 ops_router(state),
+                None,
                 limits,
                 shutdown.clone(),
                 grace,

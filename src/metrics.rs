@@ -233,6 +233,17 @@ impl Metrics {
         }
     }
 
+    /// The counter of `GET /token` answered 200, for the hot path (no
+    /// label lookup per request).
+    pub fn token_ok_counter(&self) -> Counter {
+        self.token_requests
+            .get_or_create(&RequestLabels {
+                route: "/token",
+                status: 200,
+            })
+            .clone()
+    }
+
     /// Counts an answered request.
     pub fn request(&self, route: &'static str, status: u16) {
         self.token_requests

@@ -8,12 +8,39 @@
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, header};
+use http::{HeaderMap, HeaderValue, header};
 
 use super::ApiError;
 
 /// The header token requests must carry, with the value `true`.
 pub const REQUIRED_HEADER: &str = "klavi-sidecar";
+
+/// Why a token request is refused, if it is.
+fn refusal(headers: &HeaderMap, require_header: bool) -> Option<ApiError> {
+    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        Some(ApiError::ProxiedRequest)
+    } else if require_header
+        && !headers
+            .get(REQUIRED_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+    {
+        Some(ApiError::MissingHeader)
+    } else {
+        None
+    }
+}
+
+/// Whether a token request passes the guard.
+pub fn passes(headers: &HeaderMap, require_header: bool) -> bool {
+    refusal(headers, require_header).is_none()
+}
+
+/// Marks an answer as not cacheable.
+pub fn no_store(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
 
 /// Checks the headers, then marks the answer as not cacheable.
 pub async fn token_route_guard(
@@ -21,21 +48,10 @@ pub async fn token_route_guard(
     request: Request,
     next: Next,
 ) -> Response {
-    let headers = request.headers();
-    let mut response =
-        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
-            ApiError::ProxiedRequest.into_response()
-        } else if require_header
-            && !headers
-                .get(REQUIRED_HEADER)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
-        {
-            ApiError::MissingHeader.into_response()
-        } else {
-            next.run(request).await
-        };
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut response = match refusal(request.headers(), require_header) {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    };
+    no_store(&mut response);
     response
 }

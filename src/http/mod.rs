@@ -128,6 +128,42 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The `GET /token` hot path, answered without the router: a plain
+/// request (no query, no body, the header present, not proxied) while a
+/// servable token is held gets the token, the same headers and the same
+/// metrics and trace event as through the router. Anything else (an error
+/// to report, `min_ttl`, no servable token) goes through the router.
+pub fn token_fast_path(state: AppState) -> crate::server::FastPath {
+    let ok = state.metrics.token_ok_counter();
+    Arc::new(move |request| {
+        if request.method() != http::Method::GET
+            || request.uri().path() != "/token"
+            || request.uri().query().is_some()
+        {
+            return None;
+        }
+        let headers = request.headers();
+        if !guard::passes(headers, state.require_header)
+            || headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|length| length.as_bytes() != b"0")
+        {
+            return None;
+        }
+        let token = state.store.servable(Instant::now())?;
+        let mut response = token_response(&token, wants_plain_text(headers));
+        guard::no_store(&mut response);
+        ok.inc();
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = tracing::debug_span!("request", method = "GET", route = "/token");
+            let _entered = span.enter();
+            tracing::debug!(status = 200u16, latency_us = 0u64, "request finished");
+        }
+        Some(response)
+    })
+}
+
 async fn count_request(
     State(metrics): State<Arc<Metrics>>,
     request: Request,
@@ -161,12 +197,8 @@ async fn fill_bare_errors(response: Response) -> Response {
 
 /// Whether the client asked for the bare token: `text/plain` listed before
 /// any JSON type in `Accept`.
-fn wants_plain_text(request: &Request) -> bool {
-    let Some(accept) = request
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-    else {
+fn wants_plain_text(headers: &http::HeaderMap) -> bool {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return false;
     };
     for media in accept.split(',') {
@@ -218,7 +250,7 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
         Ok(min) => min,
         Err(error) => return error.into_response(),
     };
-    let plain_text = wants_plain_text(&request);
+    let plain_text = wants_plain_text(request.headers());
     let now = Instant::now();
     // The hot path: one atomic load.
     let held = state.store.servable(now);
@@ -243,7 +275,7 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
 }
 
 async fn refresh_token(State(state): State<AppState>, request: Request) -> Response {
-    let plain_text = wants_plain_text(&request);
+    let plain_text = wants_plain_text(request.headers());
     match state.store.force_refresh().await {
         Ok((token, reused)) => {
             state.metrics.forced(if reused {
@@ -356,7 +388,7 @@ mod tests {
                 builder = builder.header(header::ACCEPT, accept);
             }
             let request = builder.body(axum::body::Body::empty()).unwrap();
-            assert_eq!(wants_plain_text(&request), plain, "{accept:?}");
+            assert_eq!(wants_plain_text(request.headers()), plain, "{accept:?}");
         }
     }
 }

@@ -136,6 +136,19 @@ async fn every_metric_exists_and_moves() {
         ),
         1.0
     );
+    // The hot path (a token held) counts the same way.
+    for _ in 0..3 {
+        assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    }
+    let s = scrape(&app).await;
+    assert_eq!(
+        counter(
+            &s,
+            "klavi_sidecar_token_requests_total",
+            &[("route", "/token"), ("status", "200")]
+        ),
+        4.0
+    );
     assert_eq!(
         counter(
             &s,

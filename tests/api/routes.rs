@@ -426,3 +426,75 @@ async fn a_request_over_the_time_limit_gets_408_json() {
     stop.cancel();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn the_hot_path_answers_exactly_as_the_router_does() {
+    use http_body_util::BodyExt;
+    use klavi_token_sidecar::http::{AppState, token_router};
+    use klavi_token_sidecar::secret::Secret;
+    use klavi_token_sidecar::store::TokenStore;
+    use klavi_token_sidecar::token::Token;
+    use tower::ServiceExt;
+
+    // The real app answers GET /token on the hot path once a token is held.
+    let app = TestApp::spawn().await;
+    let _ = app.get_token("").await;
+    for accept in ["application/json", "text/plain"] {
+        let over_http = app
+            .http
+            .get(app.url("/token"))
+            .header(HEADER.0, HEADER.1)
+            .header("Accept", accept)
+            .send()
+            .await
+            .unwrap();
+        // The same request through the router (no hot path), same token.
+        let store = std::sync::Arc::new(TokenStore::new(
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        ));
+        let value = app.fake.last_token().unwrap();
+        store.set_token(std::sync::Arc::new(Token::new(
+            Secret::new(value),
+            tokio::time::Instant::now(),
+            Duration::from_secs(299),
+            SystemTime::now() + Duration::from_secs(299),
+        )));
+        let routed = token_router(AppState::new(store, Duration::from_secs(5)))
+            .oneshot(
+                http::Request::get("/token")
+                    .header(HEADER.0, HEADER.1)
+                    .header("Accept", accept)
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(over_http.status().as_u16(), routed.status().as_u16());
+        for name in ["content-type", "cache-control"] {
+            assert_eq!(
+                over_http.headers()[name].to_str().unwrap(),
+                routed.headers()[name].to_str().unwrap(),
+                "{name} for {accept}"
+            );
+        }
+        let a = over_http.bytes().await.unwrap();
+        let b = routed.into_body().collect().await.unwrap().to_bytes();
+        if accept == "text/plain" {
+            assert_eq!(a, b);
+        } else {
+            let (a, b): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_slice(&a).unwrap(),
+                serde_json::from_slice(&b).unwrap(),
+            );
+            assert_eq!(a["accessToken"], b["accessToken"]);
+            assert_eq!(a["tokenType"], b["tokenType"]);
+            assert_eq!(
+                a.as_object().unwrap().keys().collect::<Vec<_>>(),
+                b.as_object().unwrap().keys().collect::<Vec<_>>()
+            );
+        }
+    }
+    app.stop().await;
+}
