@@ -33,6 +33,9 @@ struct Args {
     /// Concurrent requests in the cold-start burst.
     #[arg(long, default_value_t = 10_000)]
     burst: usize,
+    /// The sidecar's runtime.worker_threads (its default is 1).
+    #[arg(long, default_value_t = 1)]
+    worker_threads: usize,
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -117,15 +120,19 @@ fn wait_for(addr: SocketAddr, path: &str, limit: Duration) -> Result<Duration, E
     Err(format!("{addr}{path} not 200 within {limit:?}").into())
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
 }
 
 /// User plus system CPU time of `pid`, in clock ticks (1/100 s on Linux).
@@ -210,7 +217,13 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn sidecar_command(bin: &Path, token: SocketAddr, ops: SocketAddr, klavi: SocketAddr) -> Command {
+fn sidecar_command(
+    bin: &Path,
+    token: SocketAddr,
+    ops: SocketAddr,
+    klavi: SocketAddr,
+    workers: usize,
+) -> Command {
     let mut command = Command::new(bin.join("klavi-token-sidecar"));
     command
         .args([
@@ -224,6 +237,7 @@ fn sidecar_command(bin: &Path, token: SocketAddr, ops: SocketAddr, klavi: Socket
         .env("KLAVI_ACCESS_KEY", "demo-access-key")
         .env("KLAVI_SECRET_KEY", "demo-secret-key")
         .env("KLAVI_SIDECAR_KLAVI__BASE_URL", format!("http://{klavi}"))
+        .env("KLAVI_SIDECAR_RUNTIME__WORKER_THREADS", workers.to_string())
         .env("RUST_LOG", "warn");
     command
 }
@@ -295,7 +309,10 @@ fn main() -> Result<(), Error> {
     let klavi = free_addr()?;
     let _fake = Proc::spawn("fake Klavi", &mut fake_command(&bin, klavi, &[]))?;
     let (token, ops) = (free_addr()?, free_addr()?);
-    let sidecar = Proc::spawn("sidecar", &mut sidecar_command(&bin, token, ops, klavi))?;
+    let sidecar = Proc::spawn(
+        "sidecar",
+        &mut sidecar_command(&bin, token, ops, klavi, args.worker_threads),
+    )?;
     wait_for(ops, "/readyz", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(500));
     let idle_rss = rss_kib(sidecar.pid());
@@ -410,7 +427,10 @@ fn main() -> Result<(), Error> {
     for _ in 0..10 {
         let (token, ops) = (free_addr()?, free_addr()?);
         let started = Instant::now();
-        let proc = Proc::spawn("sidecar", &mut sidecar_command(&bin, token, ops, klavi))?;
+        let proc = Proc::spawn(
+            "sidecar",
+            &mut sidecar_command(&bin, token, ops, klavi, args.worker_threads),
+        )?;
         let mut first = None;
         while started.elapsed() < Duration::from_secs(5) {
             if matches!(get(ops, "/healthz", false), Ok((200, _))) {
@@ -440,24 +460,31 @@ fn main() -> Result<(), Error> {
     let (token, ops) = (free_addr()?, free_addr()?);
     let cold = Proc::spawn(
         "sidecar",
-        &mut sidecar_command(&bin, token, ops, slow_klavi),
+        &mut sidecar_command(&bin, token, ops, slow_klavi, args.worker_threads),
     )?;
     wait_for(ops, "/healthz", Duration::from_secs(5))?;
     let (took, statuses) = burst(token, args.burst)?;
+    let burst_rss_now = rss_kib(cold.pid());
+    // Once the burst's connections have closed.
+    std::thread::sleep(Duration::from_secs(1));
     let burst_rss = rss_kib(cold.pid());
+    let burst_peak = status_kib(cold.pid(), "VmHWM:");
     let (_, stats) = get(slow_klavi, "/_fake/stats", false)?;
     let stats: serde_json::Value = serde_json::from_slice(&stats)?;
     drop(cold);
 
     report.push_str(&format!(
-        "\n| measure | value |\n|---|---|\n| start to first /healthz 200, median of 10 | {startup_median:.1} ms (all: {}) |\n| stripped release binary | {:.2} MiB ({size} bytes) |\n| cold-start burst: requests | {} |\n| cold-start burst: answers by status | {} |\n| cold-start burst: upstream calls | {} |\n| cold-start burst: time until the last answer | {:.2} s (Klavi answers after 1 s) |\n| RSS after the burst | {:.1} MiB |\n",
+        "\n| measure | value |\n|---|---|\n| start to first /healthz 200, median of 10 | {startup_median:.1} ms (all: {}) |\n| stripped release binary | {:.2} MiB ({size} bytes) |\n| cold-start burst: requests | {} |\n| cold-start burst: answers by status | {} |\n| cold-start burst: upstream calls | {} |\n| cold-start burst: time until the last answer | {:.2} s (Klavi answers after 1 s) |\n| RSS after the burst (at the last answer / 1 s later / peak) | {:.1} / {:.1} / {:.1} MiB |\n| sidecar runtime worker threads | {} |\n",
         startups.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(", "),
         size as f64 / 1048576.0,
         args.burst,
         statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", "),
         stats["calls"],
         took.as_secs_f64(),
+        burst_rss_now as f64 / 1024.0,
         burst_rss as f64 / 1024.0,
+        burst_peak as f64 / 1024.0,
+        args.worker_threads,
     ));
     println!("{report}");
     Ok(())

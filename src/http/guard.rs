@@ -8,16 +8,18 @@
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use super::ApiError;
 
 /// The header token requests must carry, with the value `true`.
-pub const REQUIRED_HEADER: &str = "klavi-sidecar";
+pub const REQUIRED_HEADER: HeaderName = HeaderName::from_static("klavi-sidecar");
+/// A header proxies add: its presence refuses the request.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Why a token request is refused, if it is.
 fn refusal(headers: &HeaderMap, require_header: bool) -> Option<ApiError> {
-    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+    if headers.contains_key(X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED) {
         Some(ApiError::ProxiedRequest)
     } else if require_header
         && !headers
