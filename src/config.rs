@@ -94,7 +94,7 @@ pub struct RawServer {
     pub max_header_bytes: u64,
     /// Largest request body, bytes; larger gets 413. Default `1024`.
     pub max_body_bytes: u64,
-    /// Open connections per listener. Default `1024`.
+    /// Open connections per listener. Default `512`.
     pub max_connections: u64,
     /// Longest a request may take, ms; then 408. Default `10000`.
     pub request_timeout_ms: u64,
@@ -111,7 +111,7 @@ impl Default for RawServer {
             header_read_timeout_ms: 5000,
             max_header_bytes: 16 * 1024,
             max_body_bytes: 1024,
-            max_connections: 1024,
+            max_connections: 512,
             request_timeout_ms: 10_000,
         }
     }

@@ -50,7 +50,7 @@ impl Default for Limits {
         Self {
             header_read_timeout: Duration::from_secs(5),
             max_header_bytes: 16 * 1024,
-            max_connections: 1024,
+            max_connections: 512,
         }
     }
 }

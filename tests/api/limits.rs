@@ -170,7 +170,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
 
 #[tokio::test]
 async fn a_flood_of_idle_connections_does_not_lock_out_a_well_behaved_client() {
-    // The defaults (5 s header timeout, 1,024 connections): without
+    // The defaults (5 s header timeout, 512 connections): without
     // eviction, a new connection would wait for the flood's header timeouts.
     let app = TestApp::spawn().await;
     // The app's pooled client has a keep-alive connection before the flood.
