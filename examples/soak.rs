@@ -2,12 +2,12 @@
 //! release binary. See `klavi_token_sidecar::soak` for what it checks.
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
-use klavi_token_sidecar::soak::{self, SoakConfig};
+use klavi_token_sidecar::soak::{self, Sidecar, SoakConfig};
 
 /// Chaos soak of the sidecar binary on loopback.
 #[derive(Debug, Parser)]
@@ -39,12 +39,6 @@ struct Args {
     log: Option<PathBuf>,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -65,41 +59,30 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         ..FakeKlaviConfig::default()
     })
     .await?;
-    let (token_port, ops_port) = (free_port()?, free_port()?);
     let stderr = match &args.log {
         Some(path) => Stdio::from(std::fs::File::create(path)?),
         None => Stdio::null(),
     };
-    let mut sidecar = Command::new(&args.binary)
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{token_port}"),
-            "--ops-listen",
-            &format!("127.0.0.1:{ops_port}"),
-        ])
-        .env_clear()
-        .envs([
-            ("KLAVI_ACCESS_KEY", "demo-access-key"),
-            ("KLAVI_SECRET_KEY", "demo-secret-key"),
-            ("KLAVI_SIDECAR_KLAVI__BASE_URL", fake.base_url().as_str()),
+    let sidecar = Sidecar::spawn(
+        &args.binary,
+        &fake.base_url(),
+        &[
             ("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "2000"),
             ("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "5"),
             ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "1000"),
             ("RUST_LOG", "info"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()?;
-    let pid = sidecar.id();
+        ],
+        stderr,
+    )?;
+    let pid = sidecar.pid();
     println!(
         "soak: {} s, {} clients, {} s tokens, {} s faults / {} s healthy, sidecar pid {pid}",
         args.duration_secs, args.clients, args.token_ttl_secs, args.fault_secs, args.healthy_secs
     );
     let report = soak::run(
         SoakConfig {
-            token_base: format!("http://127.0.0.1:{token_port}"),
-            ops_base: format!("http://127.0.0.1:{ops_port}"),
+            token_base: sidecar.token_base.clone(),
+            ops_base: sidecar.ops_base.clone(),
             duration: Duration::from_secs(args.duration_secs),
             clients: args.clients,
             pacing: Duration::from_millis(args.pacing_ms),
@@ -113,10 +96,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         || soak::rss_of(pid),
     )
     .await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    let exit = sidecar.wait()?;
+    let exit = sidecar.stop()?;
     fake.stop().await;
     print!("{}", report.summary());
     println!("sidecar exit       {exit}");

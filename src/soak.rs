@@ -442,3 +442,88 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// The sidecar binary under soak: `run` on two free loopback ports against
+/// a fake Klavi, with the demo keys. Killed if dropped before
+/// [`Sidecar::stop`].
+#[derive(Debug)]
+pub struct Sidecar {
+    child: Option<std::process::Child>,
+    /// `http://ADDR` of the token listener.
+    pub token_base: String,
+    /// `http://ADDR` of the ops listener.
+    pub ops_base: String,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Sidecar {
+    /// Starts `binary` against `klavi_base_url` with `extra_env` on top of
+    /// the demo keys; its stderr goes to `stderr`.
+    pub fn spawn(
+        binary: &std::path::Path,
+        klavi_base_url: &str,
+        extra_env: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> std::io::Result<Self> {
+        let (token, ops) = (free_port()?, free_port()?);
+        let child = std::process::Command::new(binary)
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{token}"),
+                "--ops-listen",
+                &format!("127.0.0.1:{ops}"),
+            ])
+            .env_clear()
+            .env("KLAVI_ACCESS_KEY", crate::fake_klavi::DEMO_ACCESS_KEY)
+            .env("KLAVI_SECRET_KEY", crate::fake_klavi::DEMO_SECRET_KEY)
+            .env("KLAVI_SIDECAR_KLAVI__BASE_URL", klavi_base_url)
+            .envs(extra_env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()?;
+        Ok(Self {
+            child: Some(child),
+            token_base: format!("http://127.0.0.1:{token}"),
+            ops_base: format!("http://127.0.0.1:{ops}"),
+        })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// SIGTERM, then waits up to 15 s; returns how it exited.
+    pub fn stop(mut self) -> std::io::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(std::io::Error::other("already stopped"));
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        for _ in 0..750 {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

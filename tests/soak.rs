@@ -4,29 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
-use klavi_token_sidecar::soak::{self, SoakConfig};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the sidecar if the test fails before stopping it.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use klavi_token_sidecar::soak::{self, Sidecar, SoakConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_keeps_every_guarantee() {
@@ -38,38 +20,26 @@ async fn chaos_soak_keeps_every_guarantee() {
     })
     .await
     .unwrap();
-    let (token_port, ops_port) = (free_port(), free_port());
-    let sidecar = Command::new(env!("CARGO_BIN_EXE_klavi-token-sidecar"))
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{token_port}"),
-            "--ops-listen",
-            &format!("127.0.0.1:{ops_port}"),
-        ])
-        .env_clear()
-        .envs([
-            ("KLAVI_ACCESS_KEY", "demo-access-key"),
-            ("KLAVI_SECRET_KEY", "demo-secret-key"),
-            ("KLAVI_SIDECAR_KLAVI__BASE_URL", fake.base_url().as_str()),
+    let sidecar = Sidecar::spawn(
+        std::path::Path::new(env!("CARGO_BIN_EXE_klavi-token-sidecar")),
+        &fake.base_url(),
+        &[
             ("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "1000"),
             ("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "2"),
             ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
             ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "300"),
             ("KLAVI_SIDECAR_REFRESH__SERVE_MARGIN_SECS", "1"),
             ("RUST_LOG", "warn"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let sidecar = Child(sidecar);
-    let pid = sidecar.0.id();
+        ],
+        Stdio::null(),
+    )
+    .unwrap();
+    let pid = sidecar.pid();
 
     let report = soak::run(
         SoakConfig {
-            token_base: format!("http://127.0.0.1:{token_port}"),
-            ops_base: format!("http://127.0.0.1:{ops_port}"),
+            token_base: sidecar.token_base.clone(),
+            ops_base: sidecar.ops_base.clone(),
             duration: Duration::from_secs(22),
             clients: 16,
             pacing: Duration::from_millis(2),
@@ -84,8 +54,9 @@ async fn chaos_soak_keeps_every_guarantee() {
     )
     .await;
     println!("{}", report.summary());
-    drop(sidecar);
+    let exit = sidecar.stop().unwrap();
     fake.stop().await;
+    assert!(exit.success(), "clean exit on SIGTERM: {exit}");
 
     assert_eq!(report.violation_count, 0, "{}", report.summary());
     assert!(report.phases >= 10, "{}", report.summary());
