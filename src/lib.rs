@@ -25,12 +25,17 @@
 //! - [`store`]: the token in an `ArcSwap` (read lock-free by `GET /token`)
 //!   and the demand-and-wait protocol for cold starts, `min_ttl` and
 //!   forced refreshes.
-//! - [`http`]: routes, the header guard, JSON errors.
-//! - [`server`]: hyper connections with limits and a bounded drain.
+//! - [`http`]: routes, the header guard, JSON errors, and the `GET /token`
+//!   hot path that answers without the router.
+//! - [`server`]: hyper connections with limits, eviction at the connection
+//!   cap, and a bounded drain.
+//! - [`metrics`]: the Prometheus metrics of the ops listener.
 //!
-//! Around it: [`fake_klavi`] (a scriptable fake upstream for the demo and
-//! the tests), [`demo`], [`healthcheck`], [`secret`] (redacting wrapper and
-//! fingerprints), [`clock`] (injectable wall clock).
+//! Around it: [`fake_klavi`] (a scriptable fake upstream, with fault
+//! injection, for the demo and the tests), [`demo`], [`healthcheck`],
+//! [`secret`] (redacting wrapper and fingerprints), [`clock`] (injectable
+//! wall clock), and test tooling shared with examples: `soak` (the chaos
+//! soak harness) and `fuzz_support` (the fuzz targets' entry points).
 //!
 //! # Data flow
 //!
