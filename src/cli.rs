@@ -88,7 +88,7 @@ pub struct FakeKlaviArgs {
     #[arg(long, default_value = DEMO_SECRET_KEY, value_name = "S")]
     pub secret_key: String,
     /// Faults to mix into the answers, comma-separated: ok, ttl:SECS,
-    /// same, expired, status:CODE[:RETRY_AFTER], delay:MS, hang, reset,
+    /// same, expired, status:CODE, status:CODE:RETRY_AFTER, delay:MS, hang, reset,
     /// garbage, empty-token, huge, skew:SECS.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub faults: Vec<Outcome>,
