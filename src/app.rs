@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{SystemClock, WallClock};
+use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 use crate::credentials::Credentials;
 use crate::http::{AppState, ops_router, token_fast_path, token_router};
@@ -55,20 +55,12 @@ pub struct Application {
 impl Application {
     /// Loads the keys, builds the Klavi client and binds both listeners.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        Self::build_with_clock(config, Arc::new(SystemClock)).await
-    }
-
-    /// As [`Application::build`], with a given wall clock.
-    pub async fn build_with_clock(
-        config: Config,
-        clock: Arc<dyn WallClock>,
-    ) -> Result<Self, StartError> {
         let credentials = Arc::new(Credentials::load(&config.klavi)?);
         let client = KlaviClient::new(
             &config.klavi,
             config.refresh.fallback_ttl,
             Arc::clone(&credentials),
-            clock,
+            Arc::new(SystemClock),
         )
         .map_err(|e| StartError::Client(e.to_string()))?;
         let token_listener = server::bind("server.listen", config.server.listen).await?;
@@ -115,11 +107,6 @@ impl Application {
     /// Where the ops listener listens, if enabled.
     pub fn ops_addr(&self) -> Option<SocketAddr> {
         self.ops_addr
-    }
-
-    /// The token store (for tests and embedding).
-    pub fn store(&self) -> Arc<TokenStore> {
-        Arc::clone(&self.store)
     }
 
     /// Serves until `shutdown` is cancelled, then drains and stops.

@@ -130,11 +130,6 @@ impl TokenStore {
         }
     }
 
-    /// Never serve a token with less than this left.
-    pub fn serve_margin(&self) -> Duration {
-        self.serve_margin
-    }
-
     /// The token held, servable or not.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.current.load_full()
