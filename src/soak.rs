@@ -210,6 +210,7 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
     let margin = config.serve_margin.as_secs() as i64;
     while !shared.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
+        let sent_unix = now_unix();
         let result = http.get(&url).header("Klavi-Sidecar", "true").send().await;
         let outcome = match result {
             Ok(response) => {
@@ -229,8 +230,10 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
                 shared.ok.fetch_add(1, Ordering::Relaxed);
                 let expires_in = body["expiresIn"].as_i64().unwrap_or(-1);
                 let expire_at = body["expireAt"].as_i64().unwrap_or(0);
-                let left = expire_at as f64 - now_unix();
-                // expireAt is whole seconds, rounded down: up to 1 s less.
+                // The sidecar judged the token after this request was sent,
+                // so it had the margin left then; expireAt is whole
+                // seconds, rounded down: up to 1 s less.
+                let left = expire_at as f64 - sent_unix;
                 if expires_in < margin || left < margin as f64 - 1.5 {
                     shared.violation(format!(
                         "served a token with expiresIn {expires_in}, {left:.1} s to expireAt (margin {margin} s)"

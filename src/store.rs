@@ -80,6 +80,27 @@ impl Demand {
     }
 }
 
+/// A token handed out by a wait, with the instant it was judged servable.
+///
+/// The response's `expiresIn` must count from that same instant: counted
+/// from a later one, a token judged with exactly the margin left could show
+/// a second less than the margin (whole seconds round down).
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The token.
+    pub token: Arc<Token>,
+    /// When it had at least the margin (and any `min_ttl`) left.
+    pub at: Instant,
+}
+
+impl std::ops::Deref for Served {
+    type Target = Token;
+
+    fn deref(&self) -> &Token {
+        &self.token
+    }
+}
+
 /// Why no token could be handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unavailable {
@@ -192,7 +213,7 @@ impl TokenStore {
     /// A servable token with at least `min_remaining` left (never less than
     /// the serve margin), fetching one if needed and waiting up to
     /// `refresh.wait_ms` for it.
-    pub async fn token_with(&self, min_remaining: Duration) -> Result<Arc<Token>, Unavailable> {
+    pub async fn token_with(&self, min_remaining: Duration) -> Result<Served, Unavailable> {
         let min_remaining = min_remaining.max(self.serve_margin);
         let meets = |token: &Token, now: Instant| {
             token.remaining(now) >= min_remaining && token.is_servable(now, self.serve_margin)
@@ -200,7 +221,7 @@ impl TokenStore {
         let now = Instant::now();
         if let Some(token) = self.current() {
             if meets(&token, now) {
-                return Ok(token);
+                return Ok(Served { token, at: now });
             }
             // Asking for more than a whole fresh token gives cannot succeed;
             // refetching would only hammer Klavi.
@@ -215,9 +236,10 @@ impl TokenStore {
             d.min_remaining = Some((wanted.max(min_remaining), until.max(deadline)));
         });
         self.wait_for(&mut state, seq, deadline, |_| {
+            let at = Instant::now();
             self.current()
-                .filter(|token| meets(token, Instant::now()))
-                .map(Ok)
+                .filter(|token| meets(token, at))
+                .map(|token| Ok(Served { token, at }))
         })
         .await
     }
@@ -226,14 +248,14 @@ impl TokenStore {
     /// sharing any fetch in flight. Within `refresh.min_interval_secs` of
     /// the last fetch, that fetch's token is returned without calling
     /// Klavi again; the flag says so.
-    pub async fn force_refresh(&self) -> Result<(Arc<Token>, bool), Unavailable> {
+    pub async fn force_refresh(&self) -> Result<(Served, bool), Unavailable> {
         let now = Instant::now();
         let recent = self
             .state()
             .last_success_at
             .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval);
         if recent && let Some(token) = self.servable(now) {
-            return Ok((token, true));
+            return Ok((Served { token, at: now }, true));
         }
         let deadline = now + self.wait;
         let mut state = self.subscribe();
@@ -245,9 +267,9 @@ impl TokenStore {
         // Any attempt completing from now on answers, the one in flight too.
         self.wait_for(&mut state, seq, deadline, |snapshot| {
             (snapshot.completed > after).then(|| {
-                let token = self.servable(Instant::now());
-                match token {
-                    Some(token) if snapshot.last_error.is_none() => Ok(token),
+                let at = Instant::now();
+                match self.servable(at) {
+                    Some(token) if snapshot.last_error.is_none() => Ok(Served { token, at }),
                     _ => Err(UnavailableReason::Failed),
                 }
             })
@@ -263,8 +285,8 @@ impl TokenStore {
         state: &mut watch::Receiver<RefreshState>,
         seq: u64,
         deadline: Instant,
-        mut done: impl FnMut(&RefreshState) -> Option<Result<Arc<Token>, UnavailableReason>>,
-    ) -> Result<Arc<Token>, Unavailable> {
+        mut done: impl FnMut(&RefreshState) -> Option<Result<Served, UnavailableReason>>,
+    ) -> Result<Served, Unavailable> {
         loop {
             let snapshot = state.borrow_and_update().clone();
             let verdict =

@@ -151,8 +151,9 @@ pub fn token_fast_path(state: AppState) -> crate::server::FastPath {
         {
             return None;
         }
-        let token = state.store.servable(Instant::now())?;
-        let response = token_response(&token, wants_plain_text(headers));
+        let now = Instant::now();
+        let token = state.store.servable(now)?;
+        let response = token_response(&token, now, wants_plain_text(headers));
         ok.inc();
         if tracing::enabled!(tracing::Level::DEBUG) {
             let span = tracing::debug_span!("request", method = "GET", route = "/token");
@@ -213,12 +214,14 @@ fn wants_plain_text(headers: &http::HeaderMap) -> bool {
 }
 
 /// The token as `GET /token` answers it, `Cache-Control: no-store`
-/// included (built directly: this is the hot path).
-fn token_response(token: &Token, plain_text: bool) -> Response {
+/// included (built directly: this is the hot path). `judged_at` is when it
+/// was found servable; `expiresIn` counts from then, so it never shows less
+/// than the margin that was checked.
+fn token_response(token: &Token, judged_at: Instant, plain_text: bool) -> Response {
     let (content_type, body) = if plain_text {
         ("text/plain; charset=utf-8", token.plain_body())
     } else {
-        ("application/json", token.json_body(Instant::now()))
+        ("application/json", token.json_body(judged_at))
     };
     let mut headers = http::HeaderMap::with_capacity(2);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -259,7 +262,7 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
     if let Some(token) = &held
         && min.is_none_or(|min| token.remaining(now) >= min)
     {
-        return token_response(token, plain_text);
+        return token_response(token, now, plain_text);
     }
     state.metrics.waited("/token");
     let result = state.store.token_with(min.unwrap_or(Duration::ZERO)).await;
@@ -268,7 +271,7 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
         state.metrics.min_ttl_refresh(result.is_ok());
     }
     match result {
-        Ok(token) => token_response(&token, plain_text),
+        Ok(served) => token_response(&served, served.at, plain_text),
         Err(unavailable) if unavailable.reason == UnavailableReason::MinTtlTooLong => {
             ApiError::MinTtlTooLong.into_response()
         }
@@ -279,13 +282,13 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
 async fn refresh_token(State(state): State<AppState>, request: Request) -> Response {
     let plain_text = wants_plain_text(request.headers());
     match state.store.force_refresh().await {
-        Ok((token, reused)) => {
+        Ok((served, reused)) => {
             state.metrics.forced(if reused {
                 ForcedOutcome::Reused
             } else {
                 ForcedOutcome::Fetched
             });
-            token_response(&token, plain_text)
+            token_response(&served, served.at, plain_text)
         }
         Err(unavailable) => {
             state.metrics.forced(ForcedOutcome::Failed);
@@ -369,6 +372,37 @@ mod tests {
         ];
         for (query, expected) in cases {
             assert_eq!(min_ttl(query), expected, "{query:?}");
+        }
+    }
+
+    /// The soak once caught `expiresIn: 0` with a 1 s margin: the token was
+    /// judged with exactly 1 s left and its body counted from a later
+    /// instant. The body must count from the instant of the judgement.
+    #[tokio::test(start_paused = true)]
+    async fn expires_in_counts_from_the_judgement_not_from_later() {
+        use crate::secret::Secret;
+        let margin = Duration::from_secs(1);
+        for left in [
+            margin,
+            margin + Duration::from_nanos(1),
+            margin + Duration::from_millis(999),
+        ] {
+            let judged_at = Instant::now();
+            let token = Token::new(
+                Secret::new("t"),
+                judged_at,
+                left,
+                std::time::SystemTime::now() + left,
+            );
+            assert!(token.is_servable(judged_at, margin));
+            // Time passes between the judgement and the body.
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let response = token_response(&token, judged_at, false);
+            let body = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["expiresIn"], 1, "{left:?} left when judged");
         }
     }
 
