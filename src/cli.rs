@@ -14,6 +14,7 @@ use crate::config::{self, Config, ConfigError, Overrides, Sources};
 use crate::fake_klavi::{
     Chaos, DEMO_ACCESS_KEY, DEMO_SECRET_KEY, FakeKlavi, FakeKlaviConfig, Outcome,
 };
+use crate::memory::{self, Release};
 use crate::{demo, healthcheck, shutdown, telemetry};
 
 /// Keeps a valid Klavi payment API token and serves it to apps in the same
@@ -146,15 +147,20 @@ fn block_on(workers: usize, future: impl std::future::Future<Output = ExitCode>)
 
 /// Parses the command line and runs the command. Configuration is read
 /// before the runtime starts, since it says how many threads to run.
-pub fn main() -> ExitCode {
+/// `release_memory`, if given, is called every second while the sidecar
+/// serves (see [`memory`](crate::memory)).
+pub fn main(release_memory: Option<Release>) -> ExitCode {
     let cli = Cli::parse();
     let outer = cli.flags;
     match cli.command {
-        None => run(&Sources::from_process(
-            cli.config,
-            outer.or(ServiceFlags::default()),
-        )),
-        Some(Command::Run(flags)) => run(&Sources::from_process(cli.config, flags.or(outer))),
+        None => run(
+            &Sources::from_process(cli.config, outer.or(ServiceFlags::default())),
+            release_memory,
+        ),
+        Some(Command::Run(flags)) => run(
+            &Sources::from_process(cli.config, flags.or(outer)),
+            release_memory,
+        ),
         Some(Command::Demo(flags)) => {
             let sources = Sources::from_process(cli.config, flags.or(outer));
             let raw = match config::load_raw(&sources) {
@@ -162,7 +168,7 @@ pub fn main() -> ExitCode {
                 Err(error) => return config_failure(&error),
             };
             match config::worker_threads(&raw.runtime) {
-                Ok(workers) => block_on(workers, run_demo(raw)),
+                Ok(workers) => block_on(workers, run_demo(raw, release_memory)),
                 Err(error) => config_failure(&error),
             }
         }
@@ -177,15 +183,23 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(sources: &Sources) -> ExitCode {
+fn run(sources: &Sources, release_memory: Option<Release>) -> ExitCode {
     match config::load(sources) {
-        Ok(config) => block_on(config.worker_threads, serve(config, None)),
+        Ok(config) => block_on(config.worker_threads, serve(config, None, release_memory)),
         Err(error) => config_failure(&error),
     }
 }
 
-async fn serve(config: Config, fake: Option<FakeKlavi>) -> ExitCode {
+async fn serve(
+    config: Config,
+    fake: Option<FakeKlavi>,
+    release_memory: Option<Release>,
+) -> ExitCode {
     telemetry::init(config.log);
+    if let Some(release) = release_memory {
+        // Ends with the runtime.
+        tokio::spawn(memory::release_periodically(release));
+    }
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(StartError::Config(error)) => return config_failure(&error),
@@ -201,7 +215,7 @@ async fn serve(config: Config, fake: Option<FakeKlavi>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run_demo(raw: config::RawConfig) -> ExitCode {
+async fn run_demo(raw: config::RawConfig, release_memory: Option<Release>) -> ExitCode {
     let fake = match FakeKlavi::start_local(FakeKlaviConfig {
         token_ttl: demo::TOKEN_TTL,
         ..FakeKlaviConfig::default()
@@ -217,7 +231,7 @@ async fn run_demo(raw: config::RawConfig) -> ExitCode {
         }
     };
     match demo::config(raw, &fake.base_url()) {
-        Ok(config) => serve(config, Some(fake)).await,
+        Ok(config) => serve(config, Some(fake), release_memory).await,
         Err(error) => config_failure(&error),
     }
 }

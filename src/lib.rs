@@ -30,6 +30,7 @@
 //! - [`server`]: hyper connections with limits, eviction at the connection
 //!   cap, and a bounded drain.
 //! - [`metrics`]: the Prometheus metrics of the ops listener.
+//! - [`memory`]: hands a burst's freed memory back to the system.
 //!
 //! Around it: [`fake_klavi`] (a scriptable fake upstream, with fault
 //! injection, for the demo and the tests), [`demo`], [`healthcheck`],
@@ -50,6 +51,8 @@
 //! flight; handlers that need a fresher token record a demand and wait for
 //! the refresher's published state.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod cli;
 pub mod clock;
@@ -64,6 +67,7 @@ pub mod fuzz_support;
 pub mod healthcheck;
 pub mod http;
 pub mod klavi;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod refresher;
