@@ -9,7 +9,9 @@
 //!   that has sent no complete request for half a second is closed to make
 //!   room, so a flood of idle or half-sent connections cannot hold the
 //!   listener for the whole header timeout; keep-alive connections of real
-//!   clients and requests in progress are never evicted;
+//!   clients and requests in progress are never evicted, and an evicted
+//!   connection is closed only when a read finds nothing (a request that
+//!   arrived meanwhile is answered, not reset);
 //! - on shutdown, every connection is asked to finish its request in
 //!   flight and close; whatever is left after the grace is cut off.
 
@@ -174,7 +176,8 @@ impl Drop for Busy {
 }
 
 /// The socket, recording on its connection whether the last read found
-/// nothing to read.
+/// nothing to read, and reading as closed once evicted with nothing to
+/// read.
 struct Watched {
     stream: TcpStream,
     connection: Arc<Connection>,
@@ -188,6 +191,13 @@ impl tokio::io::AsyncRead for Watched {
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if result.is_pending() && self.connection.evicted.load(Ordering::Acquire) {
+            // Evicted, and the client is sending nothing right now: end the
+            // connection as if the client had closed it. Closing it from
+            // outside instead could leave a request that arrived since the
+            // last read unread, and the close would reset it.
+            return std::task::Poll::Ready(Ok(()));
+        }
         let waiting = match &result {
             std::task::Poll::Pending => true,
             std::task::Poll::Ready(Ok(())) => buf.filled().len() == before,
@@ -423,6 +433,7 @@ async fn drive(
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
+    let mut evicted = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -435,10 +446,10 @@ async fn drive(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = connection.evict.notified(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
+            // Only wakes the connection: polled again, it reads, and
+            // `Watched` ends it unless a request has arrived, which is then
+            // answered first.
+            () = connection.evict.notified(), if !evicted => evicted = true,
             () = cut_off.cancelled() => return,
         }
     }
@@ -473,4 +484,45 @@ pub struct BindError {
     pub addr: SocketAddr,
     /// Why.
     pub source: std::io::Error,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connected pair on loopback: (client, server side as `Watched`),
+    /// the server side's connection already evicted.
+    async fn evicted_pair() -> (TcpStream, Watched) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let slot = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let connection = Registry::default().add(slot);
+        connection.evicted.store(true, Ordering::Release);
+        (client, Watched { stream, connection })
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_with_nothing_sent_reads_as_closed() {
+        let (_client, mut watched) = evicted_pair().await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), watched.read(&mut buf)).await;
+        assert_eq!(read.unwrap().unwrap(), 0, "end of stream at once");
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_still_reads_a_request_already_sent() {
+        let (mut client, mut watched) = evicted_pair().await;
+        client.write_all(b"GET /token HTTP/1.1\r\n").await.unwrap();
+        watched.stream.readable().await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = watched.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /token HTTP/1.1\r\n");
+        assert!(!watched.connection.waiting.load(Ordering::Acquire));
+        // Then nothing more: closed.
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 0);
+    }
 }
