@@ -21,9 +21,11 @@ pub type Release = fn();
 pub const RELEASE_EVERY: Duration = Duration::from_secs(1);
 
 /// Calls `release` every [`RELEASE_EVERY`], forever: spawn it, and it ends
-/// with the runtime.
+/// with the runtime. The first call is a period after the start, not
+/// during it: there is nothing to give back yet.
 pub async fn release_periodically(release: Release) {
-    let mut every = tokio::time::interval(RELEASE_EVERY);
+    let first = tokio::time::Instant::now() + RELEASE_EVERY;
+    let mut every = tokio::time::interval_at(first, RELEASE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
@@ -45,8 +47,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn releases_once_a_second() {
         let task = tokio::spawn(release_periodically(count));
-        // The first tick is immediate, then one a second.
-        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        // Nothing during start-up, then one a second.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(CALLS.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_millis(4_000)).await;
         assert_eq!(CALLS.load(Ordering::SeqCst), 4);
         task.abort();
     }
