@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
 use crate::credentials::Credentials;
-use crate::http::{AppState, ops_router, token_fast_path, token_router};
+use crate::http::{AppState, Guard, ops_router, token_fast_path, token_router};
 use crate::klavi::KlaviClient;
 use crate::metrics::Metrics;
 use crate::refresher::Refresher;
@@ -133,7 +133,10 @@ impl Application {
         let state = AppState {
             store,
             metrics,
-            require_header: config.server.require_header,
+            guard: Guard {
+                require_header: config.server.require_header,
+                allowed_hosts: config.server.allowed_hosts.clone().into(),
+            },
             request_timeout: config.server.request_timeout,
             max_body_bytes: config.server.max_body_bytes,
         };

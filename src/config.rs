@@ -24,6 +24,9 @@ use crate::policy::RefreshPolicy;
 use crate::secret::Secret;
 use crate::server::Limits;
 
+mod ranges;
+pub use ranges::{RANGES, Range};
+
 /// Prefix of the environment keys.
 pub const ENV_PREFIX: &str = "KLAVI_SIDECAR_";
 /// Environment variable naming the TOML file.
@@ -41,6 +44,9 @@ const SHORT_ENV: [(&str, &str); 4] = [
 
 /// Keys whose values are secrets: never quoted in an error.
 const SECRET_KEYS: [&str; 2] = ["klavi.access_key", "klavi.secret_key"];
+
+/// Keys whose environment values are comma-separated lists.
+const LIST_KEYS: [&str; 1] = ["server.allowed_hosts"];
 
 /// Keys whose environment values are taken verbatim as strings. Others
 /// are read as TOML-like scalars (`30` is a number, `true` a boolean); a
@@ -85,6 +91,9 @@ pub struct RawServer {
     pub ops_listen: String,
     /// Token routes demand `Klavi-Sidecar: true`. Default `true`.
     pub require_header: bool,
+    /// `Host` names accepted on token routes besides loopback ones. Default
+    /// none.
+    pub allowed_hosts: Vec<String>,
     /// Drain time after SIGTERM/SIGINT, seconds. Default `10`.
     pub shutdown_grace_secs: u64,
     /// Time to send a request's headers (and keep-alive idle time), ms.
@@ -107,6 +116,7 @@ impl Default for RawServer {
             allow_non_loopback: false,
             ops_listen: "0.0.0.0:8090".into(),
             require_header: true,
+            allowed_hosts: Vec::new(),
             shutdown_grace_secs: 10,
             header_read_timeout_ms: 5000,
             max_header_bytes: 16 * 1024,
@@ -179,6 +189,8 @@ pub struct RawRefresh {
     pub min_interval_secs: u64,
     /// Default `5000`.
     pub wait_ms: u64,
+    /// Default `60`.
+    pub max_auth_per_minute: u64,
     /// Default `300`.
     pub fallback_ttl_secs: u64,
 }
@@ -193,6 +205,7 @@ impl Default for RawRefresh {
             backoff_max_secs: 30,
             min_interval_secs: 5,
             wait_ms: 5000,
+            max_auth_per_minute: 60,
             fallback_ttl_secs: 300,
         }
     }
@@ -397,6 +410,15 @@ fn env_value(key: &str, raw: &str) -> Value {
     if STRING_KEYS.contains(&key) {
         return Value::from(raw.to_string());
     }
+    if LIST_KEYS.contains(&key) {
+        let items: Vec<Value> = raw
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| Value::from(item.to_string()))
+            .collect();
+        return Value::from(items);
+    }
     let trimmed = raw.trim();
     if let Ok(b) = trimmed.parse::<bool>() {
         Value::from(b)
@@ -546,6 +568,8 @@ pub struct ServerConfig {
     pub ops_listen: Option<SocketAddr>,
     /// Token routes demand `Klavi-Sidecar: true`.
     pub require_header: bool,
+    /// `Host` names accepted besides loopback ones, lower case.
+    pub allowed_hosts: Vec<String>,
     /// Drain time after a stop signal.
     pub shutdown_grace: Duration,
     /// Connection-level protections.
@@ -721,12 +745,34 @@ fn auth_url(raw: &RawKlavi) -> Result<Url, ConfigError> {
         .map_err(|e| ConfigError::new("klavi.auth_path", format!("{:?}: {e}", raw.auth_path)))
 }
 
-fn positive(key: &str, value: u64) -> Result<u64, ConfigError> {
-    if value == 0 {
-        Err(ConfigError::new(key, "must be greater than 0"))
-    } else {
-        Ok(value)
-    }
+/// `server.allowed_hosts`, checked and lower-cased: host names or IP
+/// literals (IPv6 in brackets), without a port (any port is accepted).
+fn allowed_hosts(hosts: &[String]) -> Result<Vec<String>, ConfigError> {
+    hosts
+        .iter()
+        .map(|host| {
+            let host = host.trim();
+            let bracketed_v6 = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+            let name = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+            if bracketed_v6 || name {
+                Ok(host.to_ascii_lowercase())
+            } else {
+                Err(ConfigError::new(
+                    "server.allowed_hosts",
+                    format!(
+                        "{host:?} is not a host name (e.g. \"sidecar.internal\", or \"[fd00::1]\" \
+                         for IPv6; no scheme, port or path)"
+                    ),
+                ))
+            }
+        })
+        .collect()
 }
 
 impl Config {
@@ -759,97 +805,19 @@ impl Config {
             Some(ops)
         };
 
+        let allowed_hosts = allowed_hosts(&s.allowed_hosts)?;
+
         let k = &raw.klavi;
         let auth_url = auth_url(k)?;
         let access_key = key_source("klavi.access_key", &k.access_key, &k.access_key_file)?;
         let secret_key = key_source("klavi.secret_key", &k.secret_key, &k.secret_key_file)?;
-        let connect_timeout =
-            Duration::from_millis(positive("klavi.connect_timeout_ms", k.connect_timeout_ms)?);
-        let request_timeout =
-            Duration::from_millis(positive("klavi.request_timeout_ms", k.request_timeout_ms)?);
 
+        ranges::check_ranges(&raw)?;
+        ranges::cross_checks(&raw)?;
         let r = &raw.refresh;
-        if !(0.0..=0.5).contains(&r.jitter_ratio) {
-            return Err(ConfigError::new(
-                "refresh.jitter_ratio",
-                format!("{} must be between 0 and 0.5", r.jitter_ratio),
-            ));
-        }
-        let backoff_initial = Duration::from_millis(positive(
-            "refresh.backoff_initial_ms",
-            r.backoff_initial_ms,
-        )?);
-        let backoff_max =
-            Duration::from_secs(positive("refresh.backoff_max_secs", r.backoff_max_secs)?);
-        if backoff_max < backoff_initial {
-            return Err(ConfigError::new(
-                "refresh.backoff_max_secs",
-                "must not be smaller than refresh.backoff_initial_ms",
-            ));
-        }
-        let fallback_ttl =
-            Duration::from_secs(positive("refresh.fallback_ttl_secs", r.fallback_ttl_secs)?);
-        let serve_margin = Duration::from_secs(r.serve_margin_secs);
-        if fallback_ttl <= serve_margin * 2 {
-            return Err(ConfigError::new(
-                "refresh.fallback_ttl_secs",
-                "must be more than twice refresh.serve_margin_secs, or such tokens could never be served",
-            ));
-        }
-        const DAY: u64 = 24 * 3600;
-        for (key, value) in [
-            ("refresh.refresh_before_secs", r.refresh_before_secs),
-            ("refresh.serve_margin_secs", r.serve_margin_secs),
-            ("refresh.backoff_max_secs", r.backoff_max_secs),
-            ("refresh.min_interval_secs", r.min_interval_secs),
-            ("refresh.fallback_ttl_secs", r.fallback_ttl_secs),
-            ("server.shutdown_grace_secs", s.shutdown_grace_secs),
-        ] {
-            if value > DAY {
-                return Err(ConfigError::new(key, format!("{value} is more than a day")));
-            }
-        }
-        for (key, value) in [
-            ("refresh.wait_ms", r.wait_ms),
-            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
-            ("server.request_timeout_ms", s.request_timeout_ms),
-            ("refresh.backoff_initial_ms", r.backoff_initial_ms),
-            ("klavi.connect_timeout_ms", k.connect_timeout_ms),
-            ("klavi.request_timeout_ms", k.request_timeout_ms),
-        ] {
-            if value > 600_000 {
-                return Err(ConfigError::new(
-                    key,
-                    format!("{value} is more than 10 minutes"),
-                ));
-            }
-        }
-
-        let header_read_timeout = Duration::from_millis(positive(
-            "server.header_read_timeout_ms",
-            s.header_read_timeout_ms,
-        )?);
-        let in_range = |key: &str, value: u64, low: u64, high: u64| {
-            if (low..=high).contains(&value) {
-                Ok(value)
-            } else {
-                Err(ConfigError::new(
-                    key,
-                    format!("{value} must be between {low} and {high}"),
-                ))
-            }
-        };
-        let max_header_bytes =
-            in_range("server.max_header_bytes", s.max_header_bytes, 1024, 1 << 20)?;
-        let max_body_bytes = in_range("server.max_body_bytes", s.max_body_bytes, 0, 1 << 20)?;
-        let max_connections = in_range("server.max_connections", s.max_connections, 1, 65_536)?;
-        let server_request_timeout = Duration::from_millis(s.request_timeout_ms);
-        if server_request_timeout <= Duration::from_millis(r.wait_ms) {
-            return Err(ConfigError::new(
-                "server.request_timeout_ms",
-                "must be longer than refresh.wait_ms, or waiting requests would be cut off",
-            ));
-        }
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        let max_auth_per_minute = u32::try_from(r.max_auth_per_minute).unwrap_or(u32::MAX);
 
         let log = match raw.log.format.trim().to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
@@ -867,33 +835,35 @@ impl Config {
                 listen,
                 ops_listen,
                 require_header: s.require_header,
-                shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+                allowed_hosts,
+                shutdown_grace: secs(s.shutdown_grace_secs),
                 limits: Limits {
-                    header_read_timeout,
-                    max_header_bytes: max_header_bytes as usize,
-                    max_connections: max_connections as usize,
+                    header_read_timeout: ms(s.header_read_timeout_ms),
+                    max_header_bytes: s.max_header_bytes as usize,
+                    max_connections: s.max_connections as usize,
                 },
-                max_body_bytes: max_body_bytes as usize,
-                request_timeout: server_request_timeout,
+                max_body_bytes: s.max_body_bytes as usize,
+                request_timeout: ms(s.request_timeout_ms),
             },
             klavi: KlaviConfig {
                 auth_url,
                 access_key,
                 secret_key,
-                connect_timeout,
-                request_timeout,
+                connect_timeout: ms(k.connect_timeout_ms),
+                request_timeout: ms(k.request_timeout_ms),
             },
             refresh: RefreshConfig {
                 policy: RefreshPolicy {
-                    refresh_before: Duration::from_secs(r.refresh_before_secs),
+                    refresh_before: secs(r.refresh_before_secs),
                     jitter_ratio: r.jitter_ratio,
-                    serve_margin,
-                    backoff_initial,
-                    backoff_max,
-                    min_interval: Duration::from_secs(r.min_interval_secs),
+                    serve_margin: secs(r.serve_margin_secs),
+                    backoff_initial: ms(r.backoff_initial_ms),
+                    backoff_max: secs(r.backoff_max_secs),
+                    min_interval: secs(r.min_interval_secs),
+                    max_auth_per_minute,
                 },
-                wait: Duration::from_millis(r.wait_ms),
-                fallback_ttl,
+                wait: ms(r.wait_ms),
+                fallback_ttl: secs(r.fallback_ttl_secs),
             },
             log,
             worker_threads: worker_threads(&raw.runtime)?,
@@ -909,11 +879,16 @@ impl Config {
 
 /// `runtime.worker_threads`, checked.
 pub fn worker_threads(runtime: &RawRuntime) -> Result<usize, ConfigError> {
+    let Range { low, high, .. } = ranges::range_of("runtime.worker_threads").unwrap_or(Range {
+        key: "runtime.worker_threads",
+        low: 0,
+        high: 64,
+    });
     match runtime.worker_threads {
-        n @ 0..=64 => Ok(n as usize),
+        n if (low..=high).contains(&n) => Ok(n as usize),
         n => Err(ConfigError::new(
             "runtime.worker_threads",
-            format!("{n} must be between 0 (one per CPU) and 64"),
+            format!("{n} is out of range: must be between {low} (one per CPU) and {high}"),
         )),
     }
 }
@@ -1126,6 +1101,31 @@ mod tests {
     }
 
     #[test]
+    fn allowed_hosts_from_env_and_file() {
+        let config = load(&with_keys(&[(
+            "KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS",
+            " Sidecar.Internal , [fd00::1],,",
+        )]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.server.allowed_hosts,
+            vec!["sidecar.internal".to_string(), "[fd00::1]".to_string()]
+        );
+        let raw = raw_from(
+            Some((
+                Path::new("c.toml"),
+                "[server]\nallowed_hosts = [\"a.example\"]\n",
+            )),
+            &with_keys(&[]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.server.allowed_hosts, vec!["a.example".to_string()]);
+        let config = load(&with_keys(&[])).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.server.allowed_hosts.is_empty());
+        assert_eq!(config.refresh.policy.max_auth_per_minute, 60);
+    }
+
+    #[test]
     fn ipv6_and_empty_ops_listen_from_env() {
         let config = load(&with_keys(&[
             ("KLAVI_SIDECAR_SERVER__LISTEN", "[::1]:8089"),
@@ -1253,7 +1253,7 @@ mod tests {
             (
                 with_keys(&[("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "0")]),
                 "klavi.request_timeout_ms",
-                "greater than 0",
+                "between 100 and 600000",
             ),
             (
                 with_keys(&[("KLAVI_SIDECAR_REFRESH__JITTER_RATIO", "0.9")]),
@@ -1263,7 +1263,7 @@ mod tests {
             (
                 with_keys(&[("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "0")]),
                 "refresh.backoff_max_secs",
-                "greater than 0",
+                "out of range",
             ),
             (
                 with_keys(&[("KLAVI_SIDECAR_REFRESH__FALLBACK_TTL_SECS", "10")]),
@@ -1278,7 +1278,7 @@ mod tests {
             (
                 with_keys(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "999999")]),
                 "refresh.min_interval_secs",
-                "more than a day",
+                "between 1 and 3600",
             ),
             (
                 with_keys(&[("KLAVI_SIDECAR_LOG__FORMAT", "xml")]),
@@ -1303,12 +1303,59 @@ mod tests {
             (
                 with_keys(&[("KLAVI_SIDECAR_SERVER__HEADER_READ_TIMEOUT_MS", "0")]),
                 "server.header_read_timeout_ms",
-                "greater than 0",
+                "out of range",
             ),
             (
                 with_keys(&[("KLAVI_SIDECAR_SERVER__REQUEST_TIMEOUT_MS", "5000")]),
                 "server.request_timeout_ms",
                 "refresh.wait_ms",
+            ),
+            // The values that broke v1: a zero that spins or cannot wait.
+            (
+                with_keys(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "0")]),
+                "refresh.min_interval_secs",
+                "between 1 and 3600",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_REFRESH__WAIT_MS", "0")]),
+                "refresh.wait_ms",
+                "between 100 and 300000",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_REFRESH__BACKOFF_INITIAL_MS", "0")]),
+                "refresh.backoff_initial_ms",
+                "between 100 and 60000",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_REFRESH__MAX_AUTH_PER_MINUTE", "0")]),
+                "refresh.max_auth_per_minute",
+                "between 1 and 600",
+            ),
+            (
+                with_keys(&[
+                    ("KLAVI_SIDECAR_SERVER__SHUTDOWN_GRACE_SECS", "3"),
+                    ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "5000"),
+                ]),
+                "server.shutdown_grace_secs",
+                "refresh.wait_ms",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_REFRESH__SERVE_MARGIN_SECS", "60")]),
+                "refresh.serve_margin_secs",
+                "refresh_before_secs",
+            ),
+            (
+                with_keys(&[(
+                    "KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS",
+                    "ok.example,http://evil",
+                )]),
+                "server.allowed_hosts",
+                "not a host name",
+            ),
+            (
+                with_keys(&[("KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS", "host:8089")]),
+                "server.allowed_hosts",
+                "no scheme, port or path",
             ),
             (
                 Sources {

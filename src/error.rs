@@ -21,11 +21,16 @@ pub enum Category {
     UpstreamUnavailable,
     /// Klavi answered 2xx with something that is not a usable token.
     InvalidResponse,
+    /// Not an answer from Klavi: the profile's auth budget
+    /// (`refresh.max_auth_per_minute`) holds the next fetch back beyond the
+    /// request's wait (SPEC §5.10).
+    LocalRateLimit,
 }
 
 impl Category {
-    /// Every category.
-    pub const ALL: [Self; 4] = [
+    /// The categories of a failed attempt to fetch a token (everything but
+    /// [`Category::LocalRateLimit`], which no attempt ends with).
+    pub const UPSTREAM: [Self; 4] = [
         Self::CredentialsRejected,
         Self::RateLimited,
         Self::UpstreamUnavailable,
@@ -39,6 +44,7 @@ impl Category {
             Self::RateLimited => "rate_limited",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::InvalidResponse => "invalid_response",
+            Self::LocalRateLimit => "local_rate_limit",
         }
     }
 }
@@ -203,11 +209,12 @@ mod tests {
             Category::RateLimited,
             Category::UpstreamUnavailable,
             Category::InvalidResponse,
+            Category::LocalRateLimit,
         ])
         .unwrap_or_default();
         assert_eq!(
             json,
-            r#"["credentials_rejected","rate_limited","upstream_unavailable","invalid_response"]"#
+            r#"["credentials_rejected","rate_limited","upstream_unavailable","invalid_response","local_rate_limit"]"#
         );
         assert_eq!(Category::RateLimited.to_string(), "rate_limited");
     }

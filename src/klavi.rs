@@ -114,8 +114,10 @@ impl KlaviClient {
         };
         let date_header = header(DATE).and_then(|d| httpdate::parse_http_date(&d).ok());
         if !status.is_success() {
-            let retry_after =
-                header(RETRY_AFTER).and_then(|v| parse_retry_after(&v, self.clock.now()));
+            // A Retry-After date is on Klavi's clock: read it against
+            // Klavi's Date, so a skewed Klavi clock cannot turn it into "now".
+            let klavi_now = date_header.unwrap_or_else(|| self.clock.now());
+            let retry_after = header(RETRY_AFTER).and_then(|v| parse_retry_after(&v, klavi_now));
             return Err(match status.as_u16() {
                 401 | 403 => FetchError::CredentialsRejected {
                     status: status.as_u16(),

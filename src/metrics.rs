@@ -68,6 +68,17 @@ pub enum ForcedOutcome {
     Failed,
 }
 
+/// How a `min_ttl` request that needed a fresher token ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinTtlOutcome {
+    /// A token with enough time left.
+    Served,
+    /// 422: no token Klavi gives now can meet it.
+    Unsatisfiable,
+    /// 503: no token at all in time.
+    Unavailable,
+}
+
 /// The route label for a request path: one of the known routes, or
 /// `unmatched`, so arbitrary paths never become label values.
 pub fn route_label(path: &str) -> &'static str {
@@ -91,6 +102,7 @@ pub struct Metrics {
     refresh: Family<RefreshLabels, Counter>,
     upstream_duration: Histogram,
     in_flight: Gauge,
+    budget_exhausted: Counter,
     consecutive_failures: Gauge,
     token_expiry: Gauge,
     ready: Gauge,
@@ -135,7 +147,7 @@ impl Metrics {
         let min_ttl_refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "min_ttl_refreshes",
-            "GET /token?min_ttl requests that needed a fresher token, by outcome: served, unavailable",
+            "GET /token?min_ttl requests that needed a fresher token, by outcome: served, unsatisfiable (422), unavailable (503)",
             min_ttl_refreshes.clone(),
         );
         let refresh = Family::<RefreshLabels, Counter>::default();
@@ -155,6 +167,12 @@ impl Metrics {
             "upstream_requests_in_flight",
             "Auth requests to Klavi in flight (never more than 1)",
             in_flight.clone(),
+        );
+        let budget_exhausted = Counter::default();
+        registry.register(
+            "auth_budget_exhausted",
+            "Times the auth budget (refresh.max_auth_per_minute) held a wanted request to Klavi back",
+            budget_exhausted.clone(),
         );
         let consecutive_failures = Gauge::default();
         registry.register(
@@ -203,7 +221,7 @@ impl Metrics {
             result: "success",
             category: "none",
         });
-        for category in Category::ALL {
+        for category in Category::UPSTREAM {
             let _ = refresh.get_or_create_owned(&RefreshLabels {
                 result: "failure",
                 category: category.as_str(),
@@ -212,7 +230,7 @@ impl Metrics {
         for outcome in ["reused", "fetched", "failed"] {
             let _ = forced.get_or_create_owned(&OutcomeLabel { outcome });
         }
-        for outcome in ["served", "unavailable"] {
+        for outcome in ["served", "unsatisfiable", "unavailable"] {
             let _ = min_ttl_refreshes.get_or_create_owned(&OutcomeLabel { outcome });
         }
         let _ = waited.get_or_create_owned(&RouteLabel { route: "/token" });
@@ -225,6 +243,7 @@ impl Metrics {
             refresh,
             upstream_duration,
             in_flight,
+            budget_exhausted,
             consecutive_failures,
             token_expiry,
             ready,
@@ -267,11 +286,20 @@ impl Metrics {
     }
 
     /// Counts a `min_ttl` request that needed a fresher token.
-    pub fn min_ttl_refresh(&self, served: bool) {
-        let outcome = if served { "served" } else { "unavailable" };
+    pub fn min_ttl_refresh(&self, outcome: MinTtlOutcome) {
+        let outcome = match outcome {
+            MinTtlOutcome::Served => "served",
+            MinTtlOutcome::Unsatisfiable => "unsatisfiable",
+            MinTtlOutcome::Unavailable => "unavailable",
+        };
         self.min_ttl_refreshes
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
+    }
+
+    /// The auth budget starts holding a wanted fetch back.
+    pub fn auth_budget_exhausted(&self) {
+        self.budget_exhausted.inc();
     }
 
     /// A request to Klavi starts.

@@ -1,11 +1,20 @@
 //! The refresh policy: pure functions over plain data.
 //!
-//! When to refresh a token, how long to back off after a failure and how to
-//! read `Retry-After` are decided here and nowhere else, without clocks or
-//! randomness of their own: the caller passes the current time and a jitter
-//! value in `[0, 1)`. The refresh task ([`crate::refresher`]) does the IO.
+//! When to refresh a token, how long to back off after a failure, how to
+//! read `Retry-After` and how many auth requests the budget allows are
+//! decided here and nowhere else, without clocks or randomness of their
+//! own: the caller passes the current time and a jitter value in `[0, 1)`.
+//! The refresh task ([`crate::refresher`]) does the IO.
+//!
+//! Two rules bound every path that calls Klavi, whatever Klavi answers and
+//! whatever clients ask: no wait after a failure is shorter than
+//! `backoff_initial` (SPEC §5.9), and no more than `max_auth_per_minute`
+//! fetches fall in any 60 s window ([`AuthBudget`], SPEC §5.10).
 
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use crate::error::Category;
 
@@ -28,6 +37,8 @@ pub struct RefreshPolicy {
     pub backoff_max: Duration,
     /// Forced refreshes within this window of the last fetch reuse it.
     pub min_interval: Duration,
+    /// Auth requests allowed in any 60 s window ([`AuthBudget`]).
+    pub max_auth_per_minute: u32,
 }
 
 impl Default for RefreshPolicy {
@@ -39,6 +50,7 @@ impl Default for RefreshPolicy {
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             min_interval: Duration::from_secs(5),
+            max_auth_per_minute: 60,
         }
     }
 }
@@ -70,17 +82,20 @@ pub fn refresh_offset(lifetime: Duration, policy: &RefreshPolicy, jitter: f64) -
     at.min(lifetime.saturating_sub(policy.serve_margin))
 }
 
-/// Exponential backoff with full jitter: a random delay between zero and
-/// `initial * 2^(failures - 1)`, capped at `max`. `failures` counts the
-/// consecutive failed attempts, the one just made included.
+/// Exponential backoff with full jitter above the floor: a random delay
+/// between `initial` and `initial * 2^(failures - 1)`, capped at `max`.
+/// `failures` counts the consecutive failed attempts, the one just made
+/// included. Plain full jitter would reach zero, and a zero wait after a
+/// failure is a tight loop against Klavi; `initial` is the floor (§5.9).
 pub fn backoff(failures: u32, policy: &RefreshPolicy, jitter: f64) -> Duration {
-    let exponent = failures.saturating_sub(1).min(32);
+    let exponent = failures.saturating_sub(1).min(31);
+    let floor = policy.backoff_initial.min(policy.backoff_max);
     let ceiling = policy
         .backoff_initial
-        .checked_mul(1u32 << exponent.min(31))
+        .checked_mul(1u32 << exponent)
         .unwrap_or(policy.backoff_max)
         .min(policy.backoff_max);
-    fraction_of(ceiling, jitter)
+    floor + fraction_of(ceiling.saturating_sub(floor), jitter)
 }
 
 /// What the refresh task knows after a failed attempt.
@@ -97,16 +112,21 @@ pub struct Failure {
 /// How long to wait after a failed attempt before the next one.
 ///
 /// Rejected credentials wait the longest backoff (a key file change cuts
-/// that short, elsewhere); 429 and 503 honour `Retry-After`, capped at
-/// `backoff_max`; everything else backs off exponentially with full jitter.
+/// that short, elsewhere); 429 and 503 honour a positive `Retry-After`,
+/// capped at `backoff_max`; everything else, a zero `Retry-After` included,
+/// backs off exponentially with full jitter. Whatever the row, the wait is
+/// never below `backoff_initial` (§5.9).
 pub fn delay_after_failure(failure: &Failure, policy: &RefreshPolicy, jitter: f64) -> Duration {
-    match (failure.category, failure.retry_after) {
+    let wait = match (failure.category, failure.retry_after) {
         (Category::CredentialsRejected, _) => policy.backoff_max,
-        (Category::RateLimited | Category::UpstreamUnavailable, Some(after)) => {
+        (Category::RateLimited | Category::UpstreamUnavailable, Some(after))
+            if !after.is_zero() =>
+        {
             after.min(policy.backoff_max)
         }
         _ => backoff(failure.failures, policy, jitter),
-    }
+    };
+    wait.max(policy.backoff_initial)
 }
 
 /// Plan after a successful fetch.
@@ -152,14 +172,70 @@ pub fn delay_after_success(
 
 /// Reads a `Retry-After` header: delay seconds or an HTTP date.
 ///
-/// A date in the past means "now" (zero); anything unreadable is ignored.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+/// `klavi_now` is the time on Klavi's clock when it answered: its `Date`
+/// header when it sent one, else the local clock. A date is read against
+/// it, so a Klavi clock that is off from ours shifts nothing. Zero, a date
+/// that is not in the future, and anything unreadable (negative, fractional,
+/// garbage) are `None`: the caller backs off instead.
+pub fn parse_retry_after(value: &str, klavi_now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    let after = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(klavi_now)
+            .ok()?,
+    };
+    (!after.is_zero()).then_some(after)
+}
+
+/// The auth-request budget of one profile: at most `limit` fetches in any
+/// window of `window` (SPEC §5.10).
+///
+/// It keeps the instants of the last `limit` fetches, so the bound holds
+/// over every window, not per fixed minute (where a token bucket or a
+/// counter reset each minute would let `2 × limit` through around a
+/// boundary). Every fetch, scheduled or demanded, asks it first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthBudget {
+    limit: usize,
+    window: Duration,
+    /// Start instants of the most recent fetches, oldest first; never more
+    /// than `limit` of them.
+    recent: VecDeque<Instant>,
+}
+
+/// The budget's window (`max_auth_per_minute`).
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+
+impl AuthBudget {
+    /// At most `limit` fetches (at least one) in any `window`.
+    pub fn new(limit: u32, window: Duration) -> Self {
+        let limit = limit.max(1) as usize;
+        Self {
+            limit,
+            window,
+            recent: VecDeque::with_capacity(limit),
+        }
     }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+
+    /// The earliest instant, `now` or later, at which one more fetch keeps
+    /// every window within the limit.
+    pub fn next_allowed(&self, now: Instant) -> Instant {
+        match self.recent.front() {
+            Some(oldest) if self.recent.len() >= self.limit => now.max(*oldest + self.window),
+            _ => now,
+        }
+    }
+
+    /// Records a fetch started at `at` (which must not be before
+    /// [`AuthBudget::next_allowed`]).
+    pub fn record(&mut self, at: Instant) {
+        if self.recent.len() >= self.limit {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(at);
+    }
 }
 
 #[cfg(test)]
@@ -250,8 +326,12 @@ mod tests {
             (50, 1.0, secs(30)),
             (u32::MAX, 1.0, secs(30)),
             (0, 1.0, Duration::from_millis(500)), // treated as the first failure
-            (3, 0.5, secs(1)),
-            (3, 0.0, Duration::ZERO), // full jitter reaches zero
+            // Full jitter above the floor: 0.5 s + 0.5 × (2 s − 0.5 s).
+            (3, 0.5, Duration::from_millis(1250)),
+            // Jitter 0 reaches the floor, never zero (§5.9).
+            (3, 0.0, Duration::from_millis(500)),
+            (1, 0.0, Duration::from_millis(500)),
+            (40, 0.0, Duration::from_millis(500)),
         ];
         for (failures, jitter, expected) in cases {
             assert_eq!(
@@ -298,6 +378,20 @@ mod tests {
             ),
             (f(Category::InvalidResponse, None, 2), secs(1)),
             (f(Category::InvalidResponse, Some(secs(9)), 2), secs(1)),
+            // Retry-After: 0 is no Retry-After: the backoff, not a tight loop.
+            (
+                f(Category::RateLimited, Some(Duration::ZERO), 1),
+                Duration::from_millis(500),
+            ),
+            (
+                f(Category::UpstreamUnavailable, Some(Duration::ZERO), 3),
+                secs(2),
+            ),
+            // A Retry-After shorter than the floor waits the floor.
+            (
+                f(Category::RateLimited, Some(Duration::from_millis(1)), 1),
+                Duration::from_millis(500),
+            ),
         ];
         for (failure, expected) in cases {
             assert_eq!(
@@ -305,6 +399,29 @@ mod tests {
                 expected,
                 "{failure:?}"
             );
+        }
+    }
+
+    #[test]
+    fn no_wait_after_a_failure_is_below_the_floor_whatever_the_row() {
+        let p = policy();
+        for category in Category::UPSTREAM {
+            for retry_after in [None, Some(Duration::ZERO), Some(Duration::from_nanos(1))] {
+                for failures in [0, 1, 2, 7, u32::MAX] {
+                    for jitter in [0.0, 0.3, 1.0, -1.0, f64::NAN] {
+                        let failure = Failure {
+                            category,
+                            retry_after,
+                            failures,
+                        };
+                        let wait = delay_after_failure(&failure, &p, jitter);
+                        assert!(
+                            wait >= p.backoff_initial,
+                            "{failure:?} jitter {jitter}: {wait:?}"
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -375,13 +492,18 @@ mod tests {
         let now = UNIX_EPOCH + secs(1_752_053_800);
         let in_ten = httpdate::fmt_http_date(now + secs(10));
         let past = httpdate::fmt_http_date(now - secs(10));
+        let same = httpdate::fmt_http_date(now);
         let cases: Vec<(&str, Option<Duration>)> = vec![
             ("7", Some(secs(7))),
             (" 120 ", Some(secs(120))),
-            ("0", Some(Duration::ZERO)),
+            // Zero and past dates say "now": no Retry-After, so the backoff.
+            ("0", None),
+            ("00", None),
             (&in_ten, Some(secs(10))),
-            (&past, Some(Duration::ZERO)),
+            (&past, None),
+            (&same, None),
             ("-1", None),
+            ("-0", None),
             ("1.5", None),
             ("soon", None),
             ("", None),
@@ -390,5 +512,85 @@ mod tests {
         for (value, expected) in cases {
             assert_eq!(parse_retry_after(value, now), expected, "{value:?}");
         }
+    }
+
+    #[test]
+    fn a_retry_after_date_is_read_on_klavis_clock() {
+        // Klavi's clock is 60 s behind ours; it asks for 10 s on its clock.
+        let local = UNIX_EPOCH + secs(1_752_053_800);
+        let klavi = local - secs(60);
+        let date = httpdate::fmt_http_date(klavi + secs(10));
+        assert_eq!(parse_retry_after(&date, klavi), Some(secs(10)));
+        // Read on the local clock, that date would be 50 s in the past.
+        assert_eq!(parse_retry_after(&date, local), None);
+        // Klavi 60 s ahead: read locally, 70 s; on its own clock, 10 s.
+        let klavi = local + secs(60);
+        let date = httpdate::fmt_http_date(klavi + secs(10));
+        assert_eq!(parse_retry_after(&date, klavi), Some(secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auth_budget_table() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + secs(s);
+        // (limit, fetches recorded at these seconds, asked at, expected earliest)
+        let cases: Vec<(u32, Vec<u64>, u64, u64)> = vec![
+            (3, vec![], 0, 0),
+            (3, vec![0, 1], 2, 2),
+            // Full: the oldest of the last three plus the window.
+            (3, vec![0, 1, 2], 2, 60),
+            (3, vec![0, 1, 2], 59, 60),
+            (3, vec![0, 1, 2], 60, 60),
+            (3, vec![0, 1, 2], 61, 61),
+            // Only the last `limit` count: 0 has dropped out.
+            (3, vec![0, 10, 20, 30], 31, 70),
+            (1, vec![5], 6, 65),
+            // A limit of zero means one.
+            (0, vec![5], 6, 65),
+        ];
+        for (limit, fetches, asked, expected) in cases {
+            let mut budget = AuthBudget::new(limit, BUDGET_WINDOW);
+            for f in &fetches {
+                budget.record(at(*f));
+            }
+            assert_eq!(
+                budget.next_allowed(at(asked)),
+                at(expected),
+                "limit {limit} fetches {fetches:?} asked at {asked}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_holds_over_every_window_not_per_minute() {
+        // Greedy use for ten minutes: fetch whenever allowed. Every 60 s
+        // window, wherever it starts, holds at most the limit; a bucket
+        // refilled each minute would let twice the limit through around
+        // the boundary.
+        let t0 = Instant::now();
+        let limit = 7;
+        let mut budget = AuthBudget::new(limit, BUDGET_WINDOW);
+        let mut fetches = Vec::new();
+        let mut now = t0 + Duration::from_millis(59_900);
+        while now < t0 + secs(600) {
+            let at = budget.next_allowed(now);
+            budget.record(at);
+            fetches.push(at);
+            now = at + Duration::from_millis(1);
+        }
+        for (i, start) in fetches.iter().enumerate() {
+            let in_window = fetches[i..]
+                .iter()
+                .take_while(|f| **f < *start + BUDGET_WINDOW)
+                .count();
+            assert!(
+                in_window <= limit as usize,
+                "{in_window} in the window from {i}"
+            );
+        }
+        assert!(
+            fetches.len() >= 9 * limit as usize,
+            "the budget is used, not hoarded"
+        );
     }
 }

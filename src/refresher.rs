@@ -4,8 +4,10 @@
 //! policy's refresh time, a backoff, or a handler's demand (whichever comes
 //! first, demands never overriding a backoff or `min_interval`), fetches,
 //! stores the token and publishes its state for waiting handlers and
-//! probes. It keeps the last good token through failures and logs each
-//! change of state once.
+//! probes. Every fetch, scheduled or demanded, first waits for the auth
+//! budget ([`AuthBudget`]), so no sequence of answers or demands can send
+//! more than `max_auth_per_minute` requests in a minute. It keeps the last
+//! good token through failures and logs each change of state once.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tracing::Instrument as _;
 
 use crate::error::{Category, FetchError};
 use crate::metrics::Metrics;
-use crate::policy::{self, Failure, RefreshPolicy};
+use crate::policy::{self, AuthBudget, BUDGET_WINDOW, Failure, RefreshPolicy};
 use crate::store::TokenStore;
 use crate::token::Token;
 
@@ -85,8 +87,14 @@ struct Progress {
     degenerate: u32,
     /// No attempt, demanded or not, before this.
     backoff_until: Option<Instant>,
+    /// When the last failed attempt ended: the next one waits at least
+    /// `backoff_initial` from then, key-file changes included (§5.9).
+    failed_at: Option<Instant>,
     /// The category last logged, so a failure is logged once per change.
     logged_failure: Option<Category>,
+    /// The budget is holding a wanted fetch back (logged and counted once
+    /// per episode).
+    budget_held: bool,
 }
 
 impl<S: TokenSource> Refresher<S> {
@@ -133,14 +141,15 @@ impl<S: TokenSource> Refresher<S> {
     async fn run(self, stop: CancellationToken) {
         let _alive = AliveGuard(Arc::clone(&self.store));
         let mut progress = Progress::default();
+        let mut budget = AuthBudget::new(self.policy.max_auth_per_minute, BUDGET_WINDOW);
         let mut scheduled = Instant::now();
         loop {
             let now = Instant::now();
             let state = self.store.state();
             // A demand brings the next attempt forward, but never past a
-            // backoff or min_interval, and not for handlers that will have
-            // stopped waiting by then.
-            let (demanded_until, seen) = self.store.pending_demand(now, state.completed);
+            // backoff, min_interval or the budget, and not for handlers
+            // that will have stopped waiting by then.
+            let (demanded_until, seen) = self.store.pending_demand(now, &state);
             let earliest = [
                 progress.backoff_until,
                 state
@@ -150,13 +159,32 @@ impl<S: TokenSource> Refresher<S> {
             .into_iter()
             .flatten()
             .fold(now, Instant::max);
-            let wake = match demanded_until {
+            let budget_at = budget.next_allowed(now);
+            let wanted = match demanded_until {
                 Some(until) if earliest < until => scheduled.min(earliest),
                 _ => scheduled,
             };
+            let demand_at = earliest.max(budget_at);
+            let wake = match demanded_until {
+                Some(until) if demand_at < until => scheduled.min(demand_at),
+                _ => scheduled,
+            }
+            .max(budget_at);
+            let budget_held = budget_at > wanted;
+            if budget_held && !progress.budget_held {
+                self.metrics.auth_budget_exhausted();
+                tracing::warn!(
+                    max_auth_per_minute = self.policy.max_auth_per_minute,
+                    next_attempt_in_ms =
+                        budget_at.saturating_duration_since(now).as_millis() as u64,
+                    "auth budget used up; holding the next request to Klavi back"
+                );
+            }
+            progress.budget_held = budget_held;
             self.store.update_state(|s| {
                 s.next_attempt_at = Some(wake);
                 s.demands_seen = seen;
+                s.budget_held = budget_held;
             });
 
             tokio::select! {
@@ -165,8 +193,13 @@ impl<S: TokenSource> Refresher<S> {
                 () = self.key_changes.notified() => {
                     if state.last_error == Some(Category::CredentialsRejected) {
                         tracing::info!("key file changed; retrying with the new keys now");
-                        scheduled = Instant::now();
-                        progress.backoff_until = None;
+                        // At once, but never sooner than the floor after
+                        // the failure (§5.9).
+                        let floor = progress
+                            .failed_at
+                            .map_or(now, |at| at + self.policy.backoff_initial);
+                        scheduled = floor.max(now);
+                        progress.backoff_until = Some(scheduled);
                     }
                     continue;
                 }
@@ -174,6 +207,7 @@ impl<S: TokenSource> Refresher<S> {
                 () = tokio::time::sleep_until(wake) => {}
             }
 
+            budget.record(Instant::now());
             progress.attempts += 1;
             let span = tracing::debug_span!(
                 "refresh",
@@ -276,6 +310,7 @@ impl<S: TokenSource> Refresher<S> {
         self.store.update_state(|s| {
             s.fetching = false;
             s.completed += 1;
+            s.successes += 1;
             s.last_error = None;
             s.last_success_at = Some(now);
             s.next_attempt_at = Some(next);
@@ -296,6 +331,7 @@ impl<S: TokenSource> Refresher<S> {
         let delay = policy::delay_after_failure(&failure, &self.policy, (self.jitter)());
         let next = now + delay;
         progress.backoff_until = Some(next);
+        progress.failed_at = Some(now);
         let servable = self.store.servable(now).is_some();
         if progress.logged_failure != Some(category) {
             progress.logged_failure = Some(category);

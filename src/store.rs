@@ -28,6 +28,8 @@ pub struct RefreshState {
     pub fetching: bool,
     /// Attempts finished so far.
     pub completed: u64,
+    /// Attempts finished with a token so far.
+    pub successes: u64,
     /// Category of the last attempt's failure; `None` after a success.
     pub last_error: Option<Category>,
     /// When the last successful fetch completed.
@@ -36,6 +38,22 @@ pub struct RefreshState {
     pub next_attempt_at: Option<Instant>,
     /// The last demand sequence number the task has taken into account.
     pub demands_seen: u64,
+    /// The next attempt waits for the auth budget
+    /// (`refresh.max_auth_per_minute`), not for Klavi or the schedule.
+    pub budget_held: bool,
+}
+
+/// Handlers waiting for a token with at least `wanted` left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRemaining {
+    /// The most any of them wants.
+    pub wanted: Duration,
+    /// The last of their deadlines.
+    pub until: Instant,
+    /// Successful fetches when the last of them asked: one more success
+    /// answers them all, served or told `min_ttl_unsatisfiable`, so the
+    /// demand ends there rather than refetching for handlers gone.
+    pub successes: u64,
 }
 
 /// What waiting handlers need from the refresh task.
@@ -43,35 +61,35 @@ pub struct RefreshState {
 pub struct Demand {
     /// Bumped by every new demand.
     pub seq: u64,
-    /// A token with at least this much left is wanted, until the deadline.
-    pub min_remaining: Option<(Duration, Instant)>,
+    /// A token with at least some time left is wanted.
+    pub min_remaining: Option<MinRemaining>,
     /// A fetch completed after this many completions is wanted (a forced
     /// refresh), until the deadline.
     pub completion_after: Option<(u64, Instant)>,
 }
 
 impl Demand {
-    /// Drops the parts that are satisfied or expired; returns, if any part
-    /// still asks for a fetch, until when the asking handlers wait.
+    /// Drops the parts that are satisfied, answered or expired; returns, if
+    /// any part still asks for a fetch, until when the asking handlers wait.
     pub fn prune(
         &mut self,
         now: Instant,
         token: Option<&Token>,
-        completed: u64,
+        state: &RefreshState,
     ) -> Option<Instant> {
-        if let Some((min, deadline)) = self.min_remaining {
-            let satisfied = token.is_some_and(|t| t.remaining(now) >= min);
-            if satisfied || deadline <= now {
+        if let Some(min) = self.min_remaining {
+            let satisfied = token.is_some_and(|t| t.remaining(now) >= min.wanted);
+            if satisfied || min.until <= now || state.successes > min.successes {
                 self.min_remaining = None;
             }
         }
         if let Some((after, deadline)) = self.completion_after
-            && (completed > after || deadline <= now)
+            && (state.completed > after || deadline <= now)
         {
             self.completion_after = None;
         }
         [
-            self.min_remaining.map(|(_, d)| d),
+            self.min_remaining.map(|m| m.until),
             self.completion_after.map(|(_, d)| d),
         ]
         .into_iter()
@@ -121,8 +139,12 @@ pub enum UnavailableReason {
     Failed,
     /// The refresh task is not running.
     TaskStopped,
-    /// The asked-for time left is more than a fresh token would give.
-    MinTtlTooLong,
+    /// `min_ttl` asks for more than a token fetched within
+    /// `min_interval_secs` (or for this request) has left.
+    MinTtlUnsatisfiable {
+        /// Whole seconds the best token at hand has left.
+        max_ttl_secs: u64,
+    },
 }
 
 /// Shared between the refresh task and the HTTP handlers.
@@ -191,11 +213,16 @@ impl TokenStore {
     }
 
     /// For the refresh task: until when a demand still asks for a fetch
-    /// (after dropping what is met or expired), and the demand sequence seen.
-    pub(crate) fn pending_demand(&self, now: Instant, completed: u64) -> (Option<Instant>, u64) {
+    /// (after dropping what is met, answered or expired), and the demand
+    /// sequence seen.
+    pub(crate) fn pending_demand(
+        &self,
+        now: Instant,
+        state: &RefreshState,
+    ) -> (Option<Instant>, u64) {
         let token = self.current.load_full();
         let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
-        let active = demand.prune(now, token.as_deref(), completed);
+        let active = demand.prune(now, token.as_deref(), state);
         (active, demand.seq)
     }
 
@@ -213,33 +240,64 @@ impl TokenStore {
     /// A servable token with at least `min_remaining` left (never less than
     /// the serve margin), fetching one if needed and waiting up to
     /// `refresh.wait_ms` for it.
+    ///
+    /// When more than the margin is asked for (`min_ttl`) and a token
+    /// fetched within `min_interval_secs`, or for this very request, falls
+    /// short, the answer is [`UnavailableReason::MinTtlUnsatisfiable`] at
+    /// once: fetching again so soon would bring no better token and only
+    /// hammer Klavi. Otherwise one fetch, shared with every other waiter.
     pub async fn token_with(&self, min_remaining: Duration) -> Result<Served, Unavailable> {
-        let min_remaining = min_remaining.max(self.serve_margin);
+        let margin = self.serve_margin;
+        let wanted = min_remaining.max(margin);
+        let beyond_margin = min_remaining > margin;
         let meets = |token: &Token, now: Instant| {
-            token.remaining(now) >= min_remaining && token.is_servable(now, self.serve_margin)
+            token.remaining(now) >= wanted && token.is_servable(now, margin)
+        };
+        let unsatisfiable = |token: &Token, now: Instant| UnavailableReason::MinTtlUnsatisfiable {
+            max_ttl_secs: token.remaining(now).as_secs(),
         };
         let now = Instant::now();
+        let mut state = self.subscribe();
+        let snapshot = state.borrow_and_update().clone();
         if let Some(token) = self.current() {
             if meets(&token, now) {
                 return Ok(Served { token, at: now });
             }
-            // Asking for more than a whole fresh token gives cannot succeed;
-            // refetching would only hammer Klavi.
-            if min_remaining > self.serve_margin && min_remaining >= token.lifetime() {
-                return Err(self.unavailable(UnavailableReason::MinTtlTooLong, now));
+            let recent = snapshot
+                .last_success_at
+                .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval);
+            if beyond_margin && recent && token.is_servable(now, margin) {
+                return Err(self.unavailable(unsatisfiable(&token, now), now));
             }
         }
         let deadline = now + self.wait;
-        let mut state = self.subscribe();
+        let successes = snapshot.successes;
         let seq = self.add_demand(|d| {
-            let (wanted, until) = d.min_remaining.unwrap_or((Duration::ZERO, deadline));
-            d.min_remaining = Some((wanted.max(min_remaining), until.max(deadline)));
+            let merged = match d.min_remaining {
+                Some(m) => MinRemaining {
+                    wanted: m.wanted.max(wanted),
+                    until: m.until.max(deadline),
+                    successes: m.successes.max(successes),
+                },
+                None => MinRemaining {
+                    wanted,
+                    until: deadline,
+                    successes,
+                },
+            };
+            d.min_remaining = Some(merged);
         });
-        self.wait_for(&mut state, seq, deadline, |_| {
+        self.wait_for(&mut state, seq, deadline, |snapshot| {
             let at = Instant::now();
-            self.current()
-                .filter(|token| meets(token, at))
-                .map(|token| Ok(Served { token, at }))
+            let token = self.current()?;
+            if meets(&token, at) {
+                return Some(Ok(Served { token, at }));
+            }
+            // A fetch succeeded since this request asked and still falls
+            // short: that is the best Klavi gives now.
+            let fetched_since = snapshot.successes > successes && snapshot.last_error.is_none();
+            (beyond_margin && fetched_since && token.is_servable(at, margin))
+                .then(|| Err(unsatisfiable(&token, at)))
         })
         .await
     }
@@ -328,13 +386,20 @@ impl TokenStore {
     fn unavailable(&self, reason: UnavailableReason, now: Instant) -> Unavailable {
         let state = self.state.borrow();
         let retry_after = match (reason, state.next_attempt_at) {
-            (UnavailableReason::MinTtlTooLong, _) => Duration::ZERO,
+            (UnavailableReason::MinTtlUnsatisfiable { .. }, _) => Duration::ZERO,
             (_, Some(at)) => at.saturating_duration_since(now),
             (_, None) => Duration::from_secs(1),
         };
+        // A wait cut short by the budget says so, whatever Klavi last said.
+        let last_error = match reason {
+            UnavailableReason::Failed | UnavailableReason::Timeout if state.budget_held => {
+                Some(Category::LocalRateLimit)
+            }
+            _ => state.last_error,
+        };
         Unavailable {
             reason,
-            last_error: state.last_error,
+            last_error,
             retry_after,
         }
     }
@@ -361,34 +426,65 @@ mod tests {
         let later = now + Duration::from_secs(5);
         let earlier = now - Duration::from_millis(1);
         let t100 = token(100);
-        let d = |min: Option<(u64, Instant)>, after: Option<(u64, Instant)>| Demand {
+        let min = |s: u64, until: Instant, successes: u64| {
+            Some(MinRemaining {
+                wanted: Duration::from_secs(s),
+                until,
+                successes,
+            })
+        };
+        let d = |min_remaining: Option<MinRemaining>, after: Option<(u64, Instant)>| Demand {
             seq: 1,
-            min_remaining: min.map(|(s, at)| (Duration::from_secs(s), at)),
+            min_remaining,
             completion_after: after,
         };
-        // (demand, token, completed, still active until)
+        let state = |completed: u64, successes: u64| RefreshState {
+            completed,
+            successes,
+            ..RefreshState::default()
+        };
+        // (demand, token, state, still active until)
         let cases = [
-            (d(None, None), Some(&t100), 0, None),
-            (d(Some((50, later)), None), Some(&t100), 0, None), // met
-            (d(Some((150, later)), None), Some(&t100), 0, Some(later)), // not met
-            (d(Some((150, later)), None), None, 0, Some(later)), // no token
-            (d(Some((150, earlier)), None), None, 0, None),     // expired
-            (d(None, Some((3, later))), Some(&t100), 3, Some(later)), // waits for a 4th
-            (d(None, Some((3, later))), Some(&t100), 4, None),  // got it
-            (d(None, Some((3, earlier))), Some(&t100), 3, None), // expired
+            (d(None, None), Some(&t100), state(0, 0), None),
+            (d(min(50, later, 0), None), Some(&t100), state(0, 0), None), // met
+            (
+                d(min(150, later, 0), None),
+                Some(&t100),
+                state(0, 0),
+                Some(later),
+            ), // not met
+            (d(min(150, later, 0), None), None, state(0, 0), Some(later)), // no token
+            (d(min(150, earlier, 0), None), None, state(0, 0), None),     // expired
+            // A success since the demand answered its handlers, met or not.
+            (d(min(150, later, 2), None), Some(&t100), state(3, 3), None),
+            // A failure since does not: they still wait.
+            (
+                d(min(150, later, 2), None),
+                Some(&t100),
+                state(3, 2),
+                Some(later),
+            ),
+            (
+                d(None, Some((3, later))),
+                Some(&t100),
+                state(3, 3),
+                Some(later),
+            ), // waits for a 4th
+            (d(None, Some((3, later))), Some(&t100), state(4, 4), None), // got it
+            (d(None, Some((3, earlier))), Some(&t100), state(3, 3), None), // expired
             (
                 d(
-                    Some((150, earlier + Duration::from_secs(2))),
+                    min(150, earlier + Duration::from_secs(2), 3),
                     Some((3, later)),
                 ),
                 Some(&t100),
-                3,
+                state(3, 3),
                 Some(later),
             ),
         ];
-        for (mut demand, token, completed, active) in cases {
+        for (mut demand, token, state, active) in cases {
             let before = demand;
-            assert_eq!(demand.prune(now, token, completed), active, "{before:?}");
+            assert_eq!(demand.prune(now, token, &state), active, "{before:?}");
         }
     }
 }

@@ -275,7 +275,7 @@ fn sigint_is_a_clean_exit_too() {
     use std::io::{Read, Write};
     write!(
         stream,
-        "GET /token HTTP/1.1\r\nHost: x\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n"
+        "GET /token HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -323,7 +323,7 @@ fn fake_klavi_command_serves_tokens() {
             let body = r#"{"accessKey":"k","secretKey":"s"}"#;
             write!(
                 stream,
-                "POST /payment/customer/v1/auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "POST /payment/customer/v1/auth HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             )
             .unwrap();
@@ -452,7 +452,7 @@ fn get(addr: &str, path: &str) -> String {
     http(
         addr,
         &format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n"
         ),
     )
 }
@@ -481,7 +481,7 @@ fn sidecar_against(
             ("KLAVI_ACCESS_KEY", SECRET_ACCESS),
             ("KLAVI_SECRET_KEY", secret),
             ("KLAVI_SIDECAR_KLAVI__BASE_URL", &base),
-            ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "0"),
+            ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
             ("RUST_LOG", "debug"),
         ],
     );
@@ -519,7 +519,7 @@ fn no_key_secret_or_token_appears_in_logs_metrics_or_command_output() {
             get(&token_addr, "/token"),
             http(
                 &token_addr,
-                "POST /token/refresh HTTP/1.1\r\nHost: x\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n",
+                "POST /token/refresh HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n",
             ),
         ] {
             assert!(response.starts_with("HTTP/1.1 200"), "{response}");

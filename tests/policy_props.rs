@@ -29,6 +29,7 @@ fn policy() -> impl Strategy<Value = RefreshPolicy> {
                 backoff_initial: initial,
                 backoff_max: Duration::from_secs(max).max(initial),
                 min_interval: Duration::from_secs(min_interval),
+                max_auth_per_minute: 60,
             }
         })
 }
@@ -41,7 +42,7 @@ fn lifetime() -> impl Strategy<Value = Duration> {
 }
 
 fn category() -> impl Strategy<Value = Category> {
-    prop::sample::select(Category::ALL.to_vec())
+    prop::sample::select(Category::UPSTREAM.to_vec())
 }
 
 proptest! {
@@ -92,6 +93,21 @@ proptest! {
     ) {
         let failure = Failure { category, retry_after: retry_after.map(Duration::from_secs), failures };
         prop_assert!(delay_after_failure(&failure, &policy, jitter) <= policy.backoff_max);
+    }
+
+    /// And none is below the floor (§5.9): not a zero Retry-After, not a
+    /// jitter of zero, not any category or streak.
+    #[test]
+    fn wait_after_failure_is_never_below_backoff_initial(
+        policy in policy(), category in category(), failures in any::<u32>(),
+        retry_after_ms in proptest::option::of(0u64..100_000_000), jitter in 0.0f64..=1.0
+    ) {
+        let failure = Failure {
+            category,
+            retry_after: retry_after_ms.map(Duration::from_millis),
+            failures,
+        };
+        prop_assert!(delay_after_failure(&failure, &policy, jitter) >= policy.backoff_initial);
     }
 
     /// Backoff grows (its ceiling doubles) until the cap.

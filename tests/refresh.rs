@@ -45,6 +45,8 @@ struct Stats {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     call_times: Mutex<Vec<Instant>>,
+    /// When each failed call ended.
+    failures: Mutex<Vec<Instant>>,
 }
 
 /// A source that plays a script, then repeats `default` forever.
@@ -81,6 +83,16 @@ impl Drop for InFlight<'_> {
 
 impl TokenSource for Scripted {
     async fn fetch(&self) -> Result<Token, FetchError> {
+        let result = self.play().await;
+        if result.is_err() {
+            self.stats.failures.lock().unwrap().push(Instant::now());
+        }
+        result
+    }
+}
+
+impl Scripted {
+    async fn play(&self) -> Result<Token, FetchError> {
         let stats = &self.stats;
         stats.calls.fetch_add(1, Ordering::SeqCst);
         stats.call_times.lock().unwrap().push(Instant::now());
@@ -331,12 +343,13 @@ async fn full_jitter_spreads_the_backoff() {
     );
     sleep(secs(60)).await;
     let gaps: Vec<_> = h.call_gaps().into_iter().take(3).collect();
+    // Full jitter above the 0.5 s floor: 0.5 + 0.25 × (ceiling − 0.5).
     assert_eq!(
         gaps,
         vec![
-            Duration::from_millis(125),
-            Duration::from_millis(250),
-            Duration::from_millis(500)
+            Duration::from_millis(500),
+            Duration::from_millis(625),
+            Duration::from_millis(875)
         ]
     );
     h.stop().await;
@@ -430,7 +443,10 @@ async fn a_token_needing_refresh_at_once_is_not_refetched_in_a_tight_loop() {
     // rather than being told its (default) min_ttl is impossible.
     assert!(h.store.servable(Instant::now()).is_none());
     let error = h.store.token_with(Duration::ZERO).await.unwrap_err();
-    assert_ne!(error.reason, UnavailableReason::MinTtlTooLong);
+    assert!(!matches!(
+        error.reason,
+        UnavailableReason::MinTtlUnsatisfiable { .. }
+    ));
     h.stop().await;
 }
 
@@ -536,28 +552,74 @@ async fn min_ttl_refreshes_when_needed_and_refuses_the_impossible() {
     let token = h.store.token_with(secs(250)).await.unwrap();
     assert_eq!(h.calls(), 2, "not enough left: one fetch");
     assert_eq!(token.value().expose(), "token-1");
-    // More than a whole token's lifetime: refused at once, no fetch.
+    // More than the token fetched just now has: refused at once, no fetch.
     let error = h.store.token_with(secs(301)).await.unwrap_err();
-    assert_eq!(error.reason, UnavailableReason::MinTtlTooLong);
+    assert_eq!(
+        error.reason,
+        UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs: 300 }
+    );
     assert_eq!(h.calls(), 2);
+    sleep(secs(30)).await;
+    assert_eq!(h.calls(), 2, "nor later, for a handler that has its answer");
     h.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn min_ttl_demands_respect_min_interval() {
+async fn min_ttl_within_min_interval_is_unsatisfiable_and_after_it_one_fetch() {
     let h = start(no_jitter(), 0.0, token_step(300), vec![]);
     settle().await;
-    // 299 s wanted of a fresh 300 s token: needs a fetch, but the last was
-    // just now; the next is allowed in 5 s, within the 5 s wait.
+    // 298.5 s wanted, 2 s after the fetch: the token fetched within
+    // min_interval has 298 s. Told at once, nothing fetched.
     sleep(secs(2)).await;
+    let started = Instant::now();
+    let error = h
+        .store
+        .token_with(Duration::from_millis(298_500))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.reason,
+        UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs: 298 }
+    );
+    assert_eq!(Instant::now(), started);
+    assert_eq!(h.calls(), 1);
+    // Past min_interval the same ask is one fetch, and met.
+    sleep(secs(4)).await;
     let token = h
         .store
         .token_with(Duration::from_millis(298_500))
         .await
         .unwrap();
-    assert_eq!(h.calls(), 2);
-    assert_eq!(h.call_gaps(), vec![secs(5)]);
     assert_eq!(token.value().expose(), "token-1");
+    assert_eq!(h.call_gaps(), vec![secs(6)]);
+    h.stop().await;
+}
+
+/// Many concurrent min_ttl waiters that no token can satisfy share one
+/// fetch, and all get the same 422.
+#[tokio::test(start_paused = true)]
+async fn concurrent_unsatisfiable_min_ttl_waiters_share_one_fetch() {
+    let h = start(
+        no_jitter(),
+        0.0,
+        Step::Token(secs(300), secs(1), None),
+        vec![],
+    );
+    let waiters: Vec<_> = (0..500)
+        .map(|_| {
+            let store = Arc::clone(&h.store);
+            tokio::spawn(async move { store.token_with(secs(10_000)).await })
+        })
+        .collect();
+    for waiter in waiters {
+        let error = waiter.await.unwrap().unwrap_err();
+        assert!(matches!(
+            error.reason,
+            UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs: 299 }
+        ));
+    }
+    sleep(secs(60)).await;
+    assert_eq!(h.calls(), 1, "one fetch for all of them, none after");
     h.stop().await;
 }
 
@@ -659,10 +721,172 @@ async fn a_demand_that_min_interval_would_delay_past_the_wait_fails_fast_without
     sleep(Duration::from_millis(1500)).await;
     let started = Instant::now();
     let error = h.store.token_with(secs(299)).await.unwrap_err();
-    assert_eq!(error.reason, UnavailableReason::Failed);
+    assert_eq!(
+        error.reason,
+        UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs: 298 }
+    );
     assert_eq!(Instant::now(), started, "told at once");
     // Nothing fetched for it, then or later.
     sleep(secs(30)).await;
     assert_eq!(h.calls(), 1);
+    h.stop().await;
+}
+
+/// Defect: `Retry-After: 0` (or a date in the past, which the client reads
+/// as no Retry-After) made the task call Klavi back-to-back, about 900 times
+/// a second. Every wait after a failure is now at least backoff_initial.
+#[tokio::test(start_paused = true)]
+async fn a_zero_retry_after_waits_the_backoff_floor_not_a_tight_loop() {
+    for status in [429, 503] {
+        // Jitter 0: the backoff at its floor.
+        let h = start(
+            RefreshPolicy::default(),
+            0.0,
+            Step::Status(status, Some(Duration::ZERO), Duration::ZERO),
+            vec![],
+        );
+        sleep(secs(10)).await;
+        let gaps = h.call_gaps();
+        assert!(
+            gaps.iter().all(|gap| *gap >= Duration::from_millis(500)),
+            "{status}: {gaps:?}"
+        );
+        assert!(h.calls() <= 21, "{status}: {} calls in 10 s", h.calls());
+        h.stop().await;
+    }
+}
+
+/// A key-file change after rejected credentials retries at once, but not
+/// sooner than the floor after the failure (guarantee 9).
+#[tokio::test(start_paused = true)]
+async fn a_key_change_right_after_a_rejection_still_waits_the_floor() {
+    let h = start(
+        RefreshPolicy::default(),
+        0.0,
+        token_step(300),
+        vec![Step::Status(401, None, Duration::ZERO)],
+    );
+    settle().await;
+    assert_eq!(h.calls(), 1);
+    h.keys.notify_one();
+    settle().await;
+    assert_eq!(h.calls(), 1, "not at once: within the floor");
+    sleep(Duration::from_millis(500)).await;
+    settle().await;
+    assert_eq!(h.calls(), 2);
+    assert_eq!(h.call_gaps(), vec![Duration::from_millis(500)]);
+    h.stop().await;
+}
+
+fn budget_policy(limit: u32) -> RefreshPolicy {
+    RefreshPolicy {
+        max_auth_per_minute: limit,
+        min_interval: secs(1),
+        ..no_jitter()
+    }
+}
+
+/// Counts the fetches in every 60 s window starting at a fetch.
+fn most_in_any_minute(times: &[Instant]) -> usize {
+    (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + secs(60))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Tokens that are due again within a second (5.6 s lifetime, 5 s margin:
+/// refresh after 0.6 s, a proper schedule, not a backoff) would be fetched
+/// 100 times a minute; the budget holds it at the limit, and a waiter that
+/// the budget cannot serve in time is told `local_rate_limit`.
+#[tokio::test(start_paused = true)]
+async fn the_budget_caps_a_schedule_that_would_storm() {
+    let h = start(
+        budget_policy(10),
+        0.0,
+        Step::Token(Duration::from_millis(5600), Duration::ZERO, None),
+        vec![],
+    );
+    sleep(secs(180)).await;
+    let times = h.stats.call_times.lock().unwrap().clone();
+    assert_eq!(most_in_any_minute(&times), 10, "{} calls", times.len());
+    assert!(times.len() >= 30, "the budget is used: {}", times.len());
+    // Mid-hold: no servable token, and the budget allows nothing soon.
+    let mut waited = None;
+    for _ in 0..120 {
+        let now = Instant::now();
+        let state = h.store.state();
+        let held_long =
+            state.budget_held && state.next_attempt_at.is_some_and(|at| at > now + secs(6));
+        if h.store.servable(now).is_none() && held_long {
+            waited = Some(h.store.token_with(Duration::ZERO).await);
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    let error = waited.expect("a moment held by the budget").unwrap_err();
+    assert_eq!(error.last_error, Some(Category::LocalRateLimit));
+    h.stop().await;
+}
+
+/// The worst client: forced refreshes and unmeetable min_ttl in a loop,
+/// against a Klavi that answers anything. Never more than the budget in
+/// any minute, and never two failures' retries closer than the floor.
+#[tokio::test(start_paused = true)]
+async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
+    let script: Vec<Step> = (0..400)
+        .map(|i| match i % 7 {
+            0 => Step::Status(429, Some(Duration::ZERO), Duration::ZERO),
+            1 => Step::Status(503, None, Duration::ZERO),
+            2 => Step::Token(Duration::from_millis(5200), Duration::ZERO, None),
+            3 => Step::Invalid,
+            4 => Step::Status(500, None, Duration::ZERO),
+            5 => Step::Token(secs(300), Duration::from_millis(50), None),
+            _ => Step::Token(secs(3), Duration::ZERO, None),
+        })
+        .collect();
+    let limit = 12;
+    let h = start(budget_policy(limit), 0.5, token_step(300), script);
+    let mut clients = Vec::new();
+    for i in 0..8u64 {
+        let store = Arc::clone(&h.store);
+        clients.push(tokio::spawn(async move {
+            for round in 0..600u64 {
+                if (i + round) % 2 == 0 {
+                    let _ = store.force_refresh().await;
+                } else {
+                    let _ = store.token_with(secs(100_000)).await;
+                }
+                sleep(Duration::from_millis(100 + 37 * i)).await;
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    let times = h.stats.call_times.lock().unwrap().clone();
+    assert!(times.len() > 2 * limit as usize, "{} calls", times.len());
+    assert!(
+        most_in_any_minute(&times) <= limit as usize,
+        "{} in a minute",
+        most_in_any_minute(&times)
+    );
+    // After every failure, the next call waited at least the floor.
+    let failures = h.stats.failures.lock().unwrap().clone();
+    assert!(failures.len() > 5);
+    let floor = RefreshPolicy::default().backoff_initial;
+    for failed in failures {
+        if let Some(next) = times.iter().find(|t| **t > failed) {
+            assert!(
+                *next - failed >= floor,
+                "{:?} after a failure",
+                *next - failed
+            );
+        }
+    }
     h.stop().await;
 }

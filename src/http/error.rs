@@ -19,10 +19,17 @@ pub enum ApiError {
     MissingHeader,
     /// Token route with `X-Forwarded-For` or `Forwarded`.
     ProxiedRequest,
+    /// Token route with a `Host` that is neither loopback nor in
+    /// `server.allowed_hosts` (DNS rebinding).
+    HostNotAllowed,
     /// `min_ttl` is not a non-negative integer.
     InvalidMinTtl,
-    /// `min_ttl` asks for more than a whole fresh token lives.
-    MinTtlTooLong,
+    /// `min_ttl` asks for more than a token fetched within
+    /// `min_interval_secs` (or for this request) has left.
+    MinTtlUnsatisfiable {
+        /// Whole seconds the best token at hand has left.
+        max_ttl_secs: u64,
+    },
     /// No servable token could be had in time.
     TokenUnavailable(Unavailable),
     /// A forced refresh failed.
@@ -44,22 +51,37 @@ struct Body {
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<Option<Category>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_ttl: Option<u64>,
 }
 
+/// The message of a 503 or 502: true to what happened, so it names a failed
+/// attempt only when the last attempt failed (SPEC §4.1).
 fn unavailable_message(u: &Unavailable, forced: bool) -> String {
     let what = if forced {
-        "the forced refresh failed"
+        "the forced refresh brought no token"
     } else {
         "no token with enough time left is available"
     };
-    let why = match u.reason {
-        UnavailableReason::Timeout => "the fetch from Klavi did not finish within refresh.wait_ms",
-        UnavailableReason::Failed => {
-            "the last attempt to fetch a token from Klavi failed and the next one is not due yet"
+    let why = match (u.reason, u.last_error) {
+        (UnavailableReason::TaskStopped, _) => "the refresh task is not running",
+        (_, Some(Category::LocalRateLimit)) => {
+            "the auth budget (refresh.max_auth_per_minute) allows no request to Klavi before              refresh.wait_ms runs out"
         }
-        UnavailableReason::TaskStopped => "the refresh task is not running",
-        UnavailableReason::MinTtlTooLong => {
-            "min_ttl is longer than a fresh token lives (answered 400)"
+        (UnavailableReason::Timeout, None) => {
+            "the request to Klavi did not finish within refresh.wait_ms"
+        }
+        (UnavailableReason::Timeout, Some(_)) => {
+            "the last attempt to fetch a token from Klavi failed and no later one succeeded              within refresh.wait_ms"
+        }
+        (UnavailableReason::Failed, Some(_)) => {
+            "the last attempt to fetch a token from Klavi failed and the next one is not due              within refresh.wait_ms"
+        }
+        (UnavailableReason::Failed, None) => {
+            "Klavi's last answer brought no token with enough time left, and the next attempt is              not due within refresh.wait_ms"
+        }
+        (UnavailableReason::MinTtlUnsatisfiable { .. }, _) => {
+            "min_ttl cannot be met (answered 422)"
         }
     };
     format!("{what}: {why}; see lastError and retry after Retry-After seconds")
@@ -69,8 +91,11 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingHeader | Self::ProxiedRequest => StatusCode::FORBIDDEN,
-            Self::InvalidMinTtl | Self::MinTtlTooLong => StatusCode::BAD_REQUEST,
+            Self::MissingHeader | Self::ProxiedRequest | Self::HostNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
+            Self::InvalidMinTtl => StatusCode::BAD_REQUEST,
+            Self::MinTtlUnsatisfiable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamError(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -85,6 +110,7 @@ impl ApiError {
             error,
             message: message.to_string(),
             last_error: None,
+            max_ttl: None,
         };
         match self {
             Self::MissingHeader => plain(
@@ -97,24 +123,36 @@ impl ApiError {
                 "requests carrying X-Forwarded-For or Forwarded are refused: the token is only \
                  for apps in this pod, never for proxied callers",
             ),
+            Self::HostNotAllowed => plain(
+                "host_not_allowed",
+                "the Host header is neither a loopback name (localhost, 127.0.0.1, [::1]) nor in \
+                 server.allowed_hosts; token routes refuse it as a defence against DNS rebinding",
+            ),
             Self::InvalidMinTtl => plain(
                 "invalid_min_ttl",
                 "min_ttl must be a non-negative whole number of seconds, e.g. ?min_ttl=60",
             ),
-            Self::MinTtlTooLong => plain(
-                "min_ttl_too_long",
-                "min_ttl is longer than a fresh token from Klavi lives, so it can never be met; \
-                 ask for less (readyz's expiresIn after a refresh shows a token's lifetime)",
-            ),
+            Self::MinTtlUnsatisfiable { max_ttl_secs } => Body {
+                error: "min_ttl_unsatisfiable",
+                message: format!(
+                    "min_ttl asks for more than the freshest token Klavi gave has left ({max_ttl_secs} \
+                     s, see maxTtl); fetching again so soon would not do better, so ask for at \
+                     most maxTtl"
+                ),
+                last_error: None,
+                max_ttl: Some(*max_ttl_secs),
+            },
             Self::TokenUnavailable(u) => Body {
                 error: "token_unavailable",
                 message: unavailable_message(u, false),
                 last_error: Some(u.last_error),
+                max_ttl: None,
             },
             Self::UpstreamError(u) => Body {
                 error: "upstream_error",
                 message: unavailable_message(u, true),
                 last_error: Some(u.last_error),
+                max_ttl: None,
             },
             Self::NotFound => plain(
                 "not_found",
@@ -185,8 +223,14 @@ mod tests {
         let cases = [
             (ApiError::MissingHeader, 403, "missing_header", None),
             (ApiError::ProxiedRequest, 403, "proxied_request", None),
+            (ApiError::HostNotAllowed, 403, "host_not_allowed", None),
             (ApiError::InvalidMinTtl, 400, "invalid_min_ttl", None),
-            (ApiError::MinTtlTooLong, 400, "min_ttl_too_long", None),
+            (
+                ApiError::MinTtlUnsatisfiable { max_ttl_secs: 299 },
+                422,
+                "min_ttl_unsatisfiable",
+                None,
+            ),
             (
                 ApiError::TokenUnavailable(unavailable),
                 503,
@@ -223,5 +267,43 @@ mod tests {
         assert!(body["lastError"].is_null() && body.as_object().unwrap().contains_key("lastError"));
         let (_, _, body) = render(ApiError::NotFound).await;
         assert!(!body.as_object().unwrap().contains_key("lastError"));
+        let (_, _, body) = render(ApiError::MinTtlUnsatisfiable { max_ttl_secs: 299 }).await;
+        assert_eq!(body["maxTtl"], 299);
+    }
+
+    /// Messages name a failed attempt only when the last attempt failed.
+    #[test]
+    fn messages_are_true_to_the_last_attempt() {
+        let u = |reason, last_error| Unavailable {
+            reason,
+            last_error,
+            retry_after: Duration::from_secs(1),
+        };
+        let upstream = Some(Category::UpstreamUnavailable);
+        let budget = Some(Category::LocalRateLimit);
+        // (unavailable, says "failed", mentions the budget)
+        let cases = [
+            (u(UnavailableReason::Timeout, None), false, false),
+            (u(UnavailableReason::Failed, None), false, false),
+            (u(UnavailableReason::Timeout, upstream), true, false),
+            (u(UnavailableReason::Failed, upstream), true, false),
+            (u(UnavailableReason::Failed, budget), false, true),
+            (u(UnavailableReason::Timeout, budget), false, true),
+        ];
+        for (unavailable, failed, mentions_budget) in cases {
+            for forced in [false, true] {
+                let message = unavailable_message(&unavailable, forced);
+                assert_eq!(
+                    message.contains("failed"),
+                    failed,
+                    "{unavailable:?}: {message}"
+                );
+                assert_eq!(
+                    message.contains("max_auth_per_minute"),
+                    mentions_budget,
+                    "{unavailable:?}: {message}"
+                );
+            }
+        }
     }
 }

@@ -3,8 +3,8 @@
 //! `GET /token` reads the store without a lock and answers at once when a
 //! servable token is held; only a cold start, `min_ttl` or a forced refresh
 //! waits for the refresh task. Token routes sit behind a guard (the
-//! `Klavi-Sidecar` header, no proxied requests); probes
-//! need no header.
+//! `Klavi-Sidecar` header, no proxied requests, a loopback or allowed
+//! `Host`); probes need no header.
 
 mod error;
 mod guard;
@@ -26,10 +26,11 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use guard::Guard;
 
 use crate::error::Category;
-use crate::metrics::{ForcedOutcome, Metrics, route_label};
-use crate::store::{TokenStore, UnavailableReason};
+use crate::metrics::{ForcedOutcome, Metrics, MinTtlOutcome, route_label};
+use crate::store::{TokenStore, Unavailable, UnavailableReason};
 use crate::token::Token;
 
 /// What the handlers share.
@@ -39,8 +40,8 @@ pub struct AppState {
     pub store: Arc<TokenStore>,
     /// Where requests are counted.
     pub metrics: Arc<Metrics>,
-    /// Token routes demand `Klavi-Sidecar: true`.
-    pub require_header: bool,
+    /// What token requests must satisfy.
+    pub guard: Guard,
     /// Longest time a request may take (answered 408 after).
     pub request_timeout: Duration,
     /// Largest request body (413 beyond).
@@ -54,7 +55,7 @@ impl AppState {
         Self {
             store,
             metrics: Arc::new(Metrics::new()),
-            require_header: true,
+            guard: Guard::default(),
             request_timeout: wait + Duration::from_secs(5),
             max_body_bytes: 1024,
         }
@@ -67,7 +68,7 @@ pub fn token_router(state: AppState) -> Router {
         .route("/token", get(get_token))
         .route("/token/refresh", post(refresh_token))
         .route_layer(middleware::from_fn_with_state(
-            state.require_header,
+            state.guard.clone(),
             guard::token_route_guard,
         ));
     finish(
@@ -143,7 +144,7 @@ pub fn token_fast_path(state: AppState) -> crate::server::FastPath {
             return None;
         }
         let headers = request.headers();
-        if !guard::passes(headers, state.require_header)
+        if !state.guard.passes(request.uri(), headers)
             || headers.contains_key(header::TRANSFER_ENCODING)
             || headers
                 .get(header::CONTENT_LENGTH)
@@ -195,22 +196,88 @@ async fn fill_bare_errors(response: Response) -> Response {
     Response::from_parts(parts, body)
 }
 
-/// Whether the client asked for the bare token: `text/plain` listed before
-/// any JSON type in `Accept`.
+/// Whether the client asked for the bare token: `Accept` gives `text/plain`
+/// a higher q-value than `application/json`, or the same one listed first.
+///
+/// Each type takes the q of the most specific range that matches it
+/// (`text/plain` over `text/*` over `*/*`, RFC 9110 §12.5.1); JSON is the
+/// default when nothing is said, when both are refused, and on a tie from
+/// the same range (`*/*`).
 fn wants_plain_text(headers: &http::HeaderMap) -> bool {
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    for media in accept.split(',') {
-        let media = media.split(';').next().unwrap_or("").trim();
-        if media.eq_ignore_ascii_case("text/plain") {
-            return true;
+    let mut plain = Preference::default();
+    let mut json = Preference::default();
+    let ranges = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','));
+    for (index, range) in ranges.enumerate() {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        let Some((kind, subtype)) = media.split_once('/') else {
+            continue;
+        };
+        let mut q = 1.0;
+        for param in parts {
+            if let Some((name, value)) = param.split_once('=')
+                && name.trim().eq_ignore_ascii_case("q")
+            {
+                q = value.trim().parse::<f32>().unwrap_or(-1.0);
+            }
         }
-        if media.eq_ignore_ascii_case("application/json") {
-            return false;
+        if !(0.0..=1.0).contains(&q) {
+            continue; // an unreadable q: the range is ignored
+        }
+        plain.offer(kind, subtype, "text", "plain", q, index);
+        json.offer(kind, subtype, "application", "json", q, index);
+    }
+    plain.q > 0.0 && (plain.q > json.q || (plain.q == json.q && plain.index < json.index))
+}
+
+/// How much an `Accept` header wants one media type: the q of its most
+/// specific matching range, and where that range stands.
+#[derive(Debug, Clone, Copy)]
+struct Preference {
+    /// 0 exact, 1 `type/*`, 2 `*/*`, 3 no match.
+    specificity: u8,
+    q: f32,
+    index: usize,
+}
+
+impl Default for Preference {
+    fn default() -> Self {
+        Self {
+            specificity: 3,
+            q: 0.0,
+            index: usize::MAX,
         }
     }
-    false
+}
+
+impl Preference {
+    fn offer(
+        &mut self,
+        kind: &str,
+        subtype: &str,
+        want: &str,
+        want_sub: &str,
+        q: f32,
+        index: usize,
+    ) {
+        let specificity = match (kind.trim(), subtype.trim()) {
+            (k, s) if k.eq_ignore_ascii_case(want) && s.eq_ignore_ascii_case(want_sub) => 0,
+            (k, "*") if k.eq_ignore_ascii_case(want) => 1,
+            ("*", "*") => 2,
+            _ => return,
+        };
+        if specificity < self.specificity {
+            *self = Self {
+                specificity,
+                q,
+                index,
+            };
+        }
+    }
 }
 
 /// The token as `GET /token` answers it, `Cache-Control: no-store`
@@ -268,13 +335,20 @@ async fn get_token(State(state): State<AppState>, request: Request) -> Response 
     let result = state.store.token_with(min.unwrap_or(Duration::ZERO)).await;
     if held.is_some() {
         // A servable token was held, so only min_ttl made this wait.
-        state.metrics.min_ttl_refresh(result.is_ok());
+        state.metrics.min_ttl_refresh(match &result {
+            Ok(_) => MinTtlOutcome::Served,
+            Err(u) if matches!(u.reason, UnavailableReason::MinTtlUnsatisfiable { .. }) => {
+                MinTtlOutcome::Unsatisfiable
+            }
+            Err(_) => MinTtlOutcome::Unavailable,
+        });
     }
     match result {
         Ok(served) => token_response(&served, served.at, plain_text),
-        Err(unavailable) if unavailable.reason == UnavailableReason::MinTtlTooLong => {
-            ApiError::MinTtlTooLong.into_response()
-        }
+        Err(Unavailable {
+            reason: UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs },
+            ..
+        }) => ApiError::MinTtlUnsatisfiable { max_ttl_secs }.into_response(),
         Err(unavailable) => ApiError::TokenUnavailable(unavailable).into_response(),
     }
 }
@@ -392,7 +466,8 @@ mod tests {
                 Secret::new("t"),
                 judged_at,
                 left,
-                std::time::SystemTime::now() + left,
+                // A whole-second wall expiry: nothing is rounded off.
+                std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             );
             assert!(token.is_servable(judged_at, margin));
             // Time passes between the judgement and the body.
@@ -417,6 +492,26 @@ mod tests {
             (Some("application/json, text/plain"), false),
             (Some("text/plain, application/json"), true),
             (Some("*/*"), false),
+            // q-values decide before order.
+            (Some("text/plain;q=0, application/json"), false),
+            (Some("text/plain; q=0.0, */*"), false),
+            (Some("application/json;q=0.5, text/plain"), true),
+            (Some("application/json, text/plain;q=0.9"), false),
+            (Some("text/plain;q=0.9, application/json;q=0.8"), true),
+            (Some("text/plain;q=0.5, */*"), false),
+            (Some("*/*;q=0.1, text/plain"), true),
+            // The most specific range wins: text/plain refused although
+            // text/* is welcome.
+            (Some("text/*, text/plain;q=0"), false),
+            (Some("text/*"), true),
+            (Some("text/*;q=0.5, application/*;q=0.4"), true),
+            (Some("application/*"), false),
+            // Both refused, garbage, odd spacing: JSON.
+            (Some("text/plain;q=0, application/json;q=0"), false),
+            (Some("text/plain;q=abc"), false),
+            (Some("text/plain;q=2"), false),
+            (Some("nonsense, ,;"), false),
+            (Some(" text/plain ; q=1 "), true),
         ];
         for (accept, plain) in cases {
             let mut builder = http::Request::builder().uri("/token");

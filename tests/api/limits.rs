@@ -22,8 +22,9 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
 async fn huge_headers_get_431() {
     let app = TestApp::spawn().await;
     let big = "x".repeat(64 * 1024);
-    let request =
-        format!("GET /token HTTP/1.1\r\nHost: a\r\nKlavi-Sidecar: true\r\nX-Big: {big}\r\n\r\n");
+    let request = format!(
+        "GET /token HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nX-Big: {big}\r\n\r\n"
+    );
     let response = raw_exchange(app.token, request.as_bytes()).await;
     assert!(
         response.starts_with("HTTP/1.1 431"),
@@ -61,7 +62,7 @@ async fn idle_and_half_sent_connections_do_not_block_others() {
         if i % 2 == 0 {
             // Half a request, never finished.
             stream
-                .write_all(b"GET /token HTTP/1.1\r\nHost: a\r\n")
+                .write_all(b"GET /token HTTP/1.1\r\nHost: localhost\r\n")
                 .await
                 .unwrap();
         }
@@ -84,7 +85,7 @@ async fn http_1_0_and_pipelined_requests_are_answered() {
         response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
         "{response}"
     );
-    let two = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /token HTTP/1.1\r\nHost: a\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n";
+    let two = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /token HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n";
     let response = raw_exchange(app.token, two).await;
     assert_eq!(response.matches("HTTP/1.1 200").count(), 2, "{response}");
     app.stop().await;
@@ -123,7 +124,7 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
 async fn slow_header_clients_are_cut_off_while_others_are_served() {
     let app = tight_app().await;
     assert_eq!(app.get_token("").await.status(), StatusCode::OK);
-    let request = b"GET /token HTTP/1.1\r\nHost: a\r\nKlavi-Sidecar: true\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let request = b"GET /token HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
     let mut attackers = Vec::new();
     for _ in 0..20 {
         let mut stream = TcpStream::connect(app.token).await.unwrap();
@@ -155,7 +156,7 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     let app = tight_app().await;
     let mut stream = TcpStream::connect(app.token).await.unwrap();
     stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 1024];
@@ -196,7 +197,7 @@ async fn a_flood_of_idle_connections_does_not_lock_out_a_well_behaved_client() {
         };
         if i % 2 == 0 {
             let _ = stream
-                .write_all(b"GET /token HTTP/1.1\r\nHost: a\r\n")
+                .write_all(b"GET /token HTTP/1.1\r\nHost: localhost\r\n")
                 .await;
         }
         flood.push(stream);
@@ -254,13 +255,13 @@ async fn non_utf8_paths_are_rejected_cleanly() {
     let app = TestApp::spawn().await;
     let response = raw_exchange(
         app.token,
-        b"GET /\xff\xfe HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /\xff\xfe HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     let response = raw_exchange(
         app.token,
-        b"GET /%FF%FE HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /%FF%FE HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");

@@ -69,7 +69,7 @@ async fn every_metric_exists_and_moves() {
             ..FakeKlaviConfig::default()
         },
         |fake| fake.push([Outcome::token().after(Duration::from_millis(800))]),
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "0")],
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
     )
     .await;
 
@@ -175,7 +175,9 @@ async fn every_metric_exists_and_moves() {
         0.0
     );
 
-    // Klavi fails with 500, then rejects the keys: each counted by category.
+    // Klavi fails with 500, then rejects the keys: each counted by category
+    // (once min_interval has passed, so the forced refresh calls Klavi).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     app.fake.push([Outcome::status(500), Outcome::status(401)]);
     assert_eq!(app.refresh().await.status(), StatusCode::BAD_GATEWAY);
     // The 500 backs off briefly; the next forced refresh meets the 401.

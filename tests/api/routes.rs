@@ -228,20 +228,28 @@ async fn min_ttl_is_validated_and_served() {
     assert_eq!(response.status(), StatusCode::OK);
     assert!(json(response).await["expiresIn"].as_u64().unwrap() >= 200);
     assert_eq!(app.fake.calls(), 1, "enough time left: no refresh");
-    // More than a whole token's lifetime can never be had: a client error.
+    // More than the token fetched within min_interval has: 422 with what
+    // can be had, at once and without a fetch.
     let response = app.get_token("?min_ttl=3600").await;
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(response.headers()["cache-control"], "no-store");
     assert!(!response.headers().contains_key("retry-after"));
     let body = json(response).await;
-    assert_eq!(body["error"], "min_ttl_too_long");
+    assert_eq!(body["error"], "min_ttl_unsatisfiable");
+    let max_ttl = body["maxTtl"].as_u64().unwrap();
+    assert!((295..=300).contains(&max_ttl), "{body}");
     assert!(body["message"].as_str().unwrap().contains("min_ttl"));
+    assert_eq!(app.fake.calls(), 1);
+    // Asking for what maxTtl said is served.
+    let response = app.get_token(&format!("?min_ttl={}", max_ttl - 1)).await;
+    assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(app.fake.calls(), 1);
     app.stop().await;
 }
 
 #[tokio::test]
 async fn min_ttl_refreshes_a_token_with_too_little_left() {
-    // 300 s tokens; after 1.1 s fewer than 299 s remain, so min_ttl=299
+    // 300 s tokens; after 2.1 s fewer than 298 s remain, so min_ttl=298
     // needs a refresh (min_interval, 1 s here, has passed).
     let app = TestApp::spawn_with(
         FakeKlaviConfig {
@@ -253,12 +261,73 @@ async fn min_ttl_refreshes_a_token_with_too_little_left() {
     )
     .await;
     let first = json(app.get_token("").await).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let response = app.get_token("?min_ttl=299").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let response = app.get_token("?min_ttl=298").await;
     assert_eq!(response.status(), StatusCode::OK);
     let body = json(response).await;
-    assert!(body["expiresIn"].as_u64().unwrap() >= 299, "{body}");
+    assert!(body["expiresIn"].as_u64().unwrap() >= 298, "{body}");
     assert_ne!(body["accessToken"], first["accessToken"]);
+    assert_eq!(app.fake.calls(), 2);
+    app.stop().await;
+}
+
+/// Defect: a min_ttl no token can meet, on a cold start, refetched every
+/// min_interval until the wait ran out (about 3,300 requests in 5 s with
+/// min_interval 0). Now: one fetch, then 422.
+#[tokio::test]
+async fn an_unsatisfiable_min_ttl_on_a_cold_start_costs_one_fetch() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |fake| fake.push([Outcome::token().after(Duration::from_millis(300))]),
+        &[
+            ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
+            ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "3000"),
+        ],
+    )
+    .await;
+    let started = tokio::time::Instant::now();
+    let response = app.get_token("?min_ttl=99999").await;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = json(response).await;
+    assert_eq!(body["error"], "min_ttl_unsatisfiable");
+    assert!(
+        (295..=300).contains(&body["maxTtl"].as_u64().unwrap()),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered after the one fetch"
+    );
+    // The demand ended with the answer: nothing more is fetched for it.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(app.fake.calls(), 1);
+    app.stop().await;
+}
+
+/// Defect: min_ttl was judged from the last lifetime, so a Klavi that
+/// starts issuing longer tokens was refused (400) until the next
+/// scheduled refresh. Now the fetch is made and the longer token served.
+#[tokio::test]
+async fn a_min_ttl_longer_than_the_last_lifetime_is_met_when_klavi_gives_more() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |_| {},
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
+    )
+    .await;
+    assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    app.fake
+        .set_default(Outcome::token_ttl(Duration::from_secs(900)));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = app.get_token("?min_ttl=600").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(json(response).await["expiresIn"].as_u64().unwrap() >= 600);
     assert_eq!(app.fake.calls(), 2);
     app.stop().await;
 }
@@ -366,11 +435,13 @@ async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
             ..FakeKlaviConfig::default()
         },
         |_| {},
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "0")],
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
     )
     .await;
     let first = json(app.get_token("").await).await;
     app.fake.set_default(Outcome::status(500));
+    // Past min_interval, so the forced refresh calls Klavi.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let response = app.refresh().await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert!(response.headers().contains_key("retry-after"));

@@ -108,6 +108,25 @@ async fn the_error_table() {
             Some(429),
         ),
         (Outcome::status(429), Category::RateLimited, None, Some(429)),
+        // "Now" in any form is no Retry-After: the caller backs off.
+        (
+            Outcome::status_retry_after(429, "0"),
+            Category::RateLimited,
+            None,
+            Some(429),
+        ),
+        (
+            Outcome::status_retry_after(429, "Thu, 01 Jan 2015 00:00:00 GMT"),
+            Category::RateLimited,
+            None,
+            Some(429),
+        ),
+        (
+            Outcome::status_retry_after(503, "-5"),
+            Category::UpstreamUnavailable,
+            None,
+            Some(503),
+        ),
         (
             Outcome::status_retry_after(503, "3"),
             Category::UpstreamUnavailable,
@@ -277,6 +296,27 @@ async fn every_expiry_form_reaches_the_token() {
         assert!(
             got <= lifetime + 1.0 && got > lifetime - 2.0,
             "{body}: {got}"
+        );
+    }
+    fake.stop().await;
+}
+
+/// Defect: a Retry-After date was compared with the local clock, so a
+/// Klavi clock 60 s behind turned "in 10 s" into a date 50 s in the past:
+/// "now", and a storm. It is read on Klavi's clock, by its Date header.
+#[tokio::test]
+async fn a_retry_after_date_is_read_on_klavis_clock() {
+    let fake = fake().await;
+    let client = client_for(&fake, "demo-access-key").await;
+    for skew in [-60i64, 0, 60, 3600] {
+        let klavi_now = klavi_token_sidecar::clock::shift(SystemTime::now(), skew as f64);
+        let date = httpdate::fmt_http_date(klavi_now + Duration::from_secs(10));
+        fake.push([Outcome::status_retry_after(429, &date).skewed(skew)]);
+        let error = client.fetch().await.unwrap_err();
+        let after = error.retry_after().expect("a future date on Klavi's clock");
+        assert!(
+            (Duration::from_secs(9)..=Duration::from_secs(11)).contains(&after),
+            "skew {skew}: {after:?}"
         );
     }
     fake.stop().await;
