@@ -5,11 +5,16 @@
 //! - a header read timeout: slow-header clients, and keep-alive connections
 //!   idle for that long, are closed;
 //! - a header size limit, answered 431;
-//! - a cap on open connections. When it is reached, the oldest connection
-//!   that has sent no complete request for half a second is closed to make
-//!   room, so a flood of idle or half-sent connections cannot hold the
-//!   listener for the whole header timeout; keep-alive connections of real
-//!   clients and requests in progress are never evicted, and an evicted
+//! - a cap on open connections. When it is reached, a newcomer takes the
+//!   slot of an idle connection: the oldest that has never sent a complete
+//!   request and is past a half-second grace (a flood of idle or half-sent
+//!   connections); or, once the newcomer has waited that grace itself and
+//!   there is no such connection, the keep-alive connection idle the
+//!   longest, even one that has served requests. So busy keep-alive
+//!   clients cannot hold every slot and starve kubelet's probes (a newcomer
+//!   gets a slot within about half a second whenever any connection is
+//!   between requests), while an app's pooled connection outlives a flood
+//!   of new ones. A request in progress is never cut, and an evicted
 //!   connection is closed only when a read finds nothing (a request that
 //!   arrived meanwhile is answered, not reset);
 //! - on shutdown, every connection is asked to finish its request in
@@ -20,7 +25,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -68,6 +73,12 @@ struct Connection {
     served: AtomicBool,
     /// When it was accepted.
     accepted_at: Instant,
+    /// The registry's tick at its last activity (accept, end of a request):
+    /// the smallest is the connection idle the longest. A counter, not a
+    /// clock, so marking activity costs no clock read on the hot path.
+    last_active: AtomicU64,
+    /// The registry's activity counter.
+    ticks: Arc<AtomicU64>,
     /// Asked to close.
     evicted: AtomicBool,
     /// Wakes the connection's task to close it.
@@ -89,15 +100,32 @@ const EVICTION_RETRY: Duration = Duration::from_millis(20);
 const FRESH_GRACE: Duration = Duration::from_millis(500);
 
 impl Connection {
-    /// Never answered a request, none in progress, nothing being sent, and
-    /// older than [`FRESH_GRACE`]. Keep-alive connections of clients that
-    /// made requests are left to the header timeout, so an app's pooled
-    /// connection survives a flood.
-    fn is_evictable(&self) -> bool {
-        self.busy.load(Ordering::Acquire) == 0
+    /// Marks activity now: it becomes the most recently active.
+    fn touch(&self) {
+        let tick = self.ticks.fetch_add(1, Ordering::Relaxed);
+        self.last_active.store(tick, Ordering::Relaxed);
+    }
+
+    /// Whether it may be evicted, and in which rank: no request in
+    /// progress, nothing being sent, not evicted already; then either a
+    /// connection that never sent a request, past [`FRESH_GRACE`] (rank 0,
+    /// evicted first), or one that has served requests (rank 1). A fresh
+    /// connection inside its grace is kept: it is a burst about to send.
+    fn eviction_rank(&self) -> Option<(u8, u64)> {
+        let idle = self.busy.load(Ordering::Acquire) == 0
             && self.waiting.load(Ordering::Acquire)
-            && !self.served.load(Ordering::Acquire)
-            && self.accepted_at.elapsed() >= FRESH_GRACE
+            && !self.evicted.load(Ordering::Acquire);
+        if !idle {
+            return None;
+        }
+        let last_active = self.last_active.load(Ordering::Relaxed);
+        if self.served.load(Ordering::Acquire) {
+            Some((1, last_active))
+        } else if self.accepted_at.elapsed() >= FRESH_GRACE {
+            Some((0, last_active))
+        } else {
+            None
+        }
     }
 }
 
@@ -105,19 +133,28 @@ impl Connection {
 #[derive(Debug, Default)]
 struct Registry {
     open: Mutex<VecDeque<Arc<Connection>>>,
+    /// Activity counter shared with the connections.
+    ticks: Arc<AtomicU64>,
 }
 
 impl Registry {
     fn add(&self, slot: OwnedSemaphorePermit) -> Arc<Connection> {
+        self.add_accepted(slot, Instant::now())
+    }
+
+    fn add_accepted(&self, slot: OwnedSemaphorePermit, accepted_at: Instant) -> Arc<Connection> {
         let connection = Arc::new(Connection {
             busy: AtomicUsize::new(0),
             waiting: AtomicBool::new(false),
             served: AtomicBool::new(false),
-            accepted_at: Instant::now(),
+            accepted_at,
+            last_active: AtomicU64::new(0),
+            ticks: Arc::clone(&self.ticks),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
             slot: Mutex::new(Some(slot)),
         });
+        connection.touch();
         self.lock().push_back(Arc::clone(&connection));
         connection
     }
@@ -138,13 +175,17 @@ impl Registry {
         );
     }
 
-    /// Asks the oldest connection with no request in progress to close and
-    /// takes its slot, if there is such a connection.
-    fn evict_idle(&self) -> Option<OwnedSemaphorePermit> {
+    /// Asks the best candidate for eviction to close and takes its slot, if
+    /// there is one: a silent newcomer past its grace, oldest first, else
+    /// (if `keep_alive_too`) the keep-alive connection idle the longest.
+    fn evict_idle(&self, keep_alive_too: bool) -> Option<OwnedSemaphorePermit> {
         let open = self.lock();
         let idle = open
             .iter()
-            .find(|c| !c.evicted.load(Ordering::Acquire) && c.is_evictable())?;
+            .filter_map(|c| Some((c.eviction_rank()?, c)))
+            .filter(|((rank, _), _)| *rank == 0 || keep_alive_too)
+            .min_by_key(|(rank, _)| *rank)
+            .map(|(_, c)| c)?;
         idle.evicted.store(true, Ordering::Release);
         idle.evict.notify_one();
         idle.slot
@@ -171,6 +212,7 @@ impl Busy {
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.served.store(true, Ordering::Release);
+        self.0.touch();
         self.0.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -289,6 +331,7 @@ impl hyper::service::Service<http::Request<Incoming>> for Tracked {
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         if let Some(response) = self.fast.as_ref().and_then(|fast| fast(&request)) {
             self.connection.served.store(true, Ordering::Release);
+            self.connection.touch();
             return ResponseFuture::Ready(Some(response));
         }
         let busy = Busy::new(&self.connection);
@@ -342,10 +385,14 @@ pub async fn serve(
             Ok(permit) => permit,
             Err(_) => {
                 // At the cap: take the slot of a connection idle long
-                // enough, or wait for one to close or become evictable.
+                // enough, or wait for one to close or become evictable. A
+                // keep-alive connection that has served requests is taken
+                // only after this newcomer has waited the grace: silent
+                // newcomers of a flood go first.
                 let mut waited = false;
+                let since = Instant::now();
                 loop {
-                    if let Some(permit) = registry.evict_idle() {
+                    if let Some(permit) = registry.evict_idle(since.elapsed() >= FRESH_GRACE) {
                         break permit;
                     }
                     if !waited {
@@ -503,6 +550,89 @@ mod tests {
         let connection = Registry::default().add(slot);
         connection.evicted.store(true, Ordering::Release);
         (client, Watched { stream, connection })
+    }
+
+    /// (served, busy, waiting, accepted this long ago, last active tick)
+    type Shape = (bool, usize, bool, Duration, u64);
+
+    fn registry_of(shapes: &[Shape]) -> Registry {
+        let registry = Registry::default();
+        let slots = Arc::new(Semaphore::new(shapes.len()));
+        for (served, busy, waiting, age, tick) in shapes {
+            let slot = Arc::clone(&slots).try_acquire_owned().unwrap();
+            let connection = registry.add_accepted(slot, Instant::now() - *age);
+            connection.served.store(*served, Ordering::Release);
+            connection.busy.store(*busy, Ordering::Release);
+            connection.waiting.store(*waiting, Ordering::Release);
+            connection.last_active.store(*tick, Ordering::Relaxed);
+        }
+        registry
+    }
+
+    /// Which connection (by index) is evicted first, for each shape of the
+    /// open set.
+    #[tokio::test(start_paused = true)]
+    async fn eviction_choice_table() {
+        let old = Duration::from_secs(1);
+        let fresh = Duration::from_millis(100);
+        let cases: Vec<(Vec<Shape>, Option<usize>)> = vec![
+            // Busy keep-alive clients only, one between requests: it goes,
+            // even though it has served requests (the probe-starvation fix).
+            (
+                vec![
+                    (true, 1, false, old, 5),
+                    (true, 0, true, old, 9),
+                    (true, 1, false, old, 3),
+                ],
+                Some(1),
+            ),
+            // Several idle keep-alive connections: the one idle longest.
+            (
+                vec![
+                    (true, 0, true, old, 7),
+                    (true, 0, true, old, 2),
+                    (true, 0, true, old, 4),
+                ],
+                Some(1),
+            ),
+            // A silent newcomer past its grace goes before any keep-alive.
+            (
+                vec![(true, 0, true, old, 1), (false, 0, true, old, 8)],
+                Some(1),
+            ),
+            // A newcomer inside its grace is kept; the keep-alive goes.
+            (
+                vec![(false, 0, true, fresh, 1), (true, 0, true, old, 8)],
+                Some(1),
+            ),
+            // Mid-request (busy) or mid-send (not waiting): never.
+            (
+                vec![
+                    (true, 1, true, old, 1),
+                    (true, 0, false, old, 2),
+                    (false, 0, true, fresh, 0),
+                ],
+                None,
+            ),
+        ];
+        for (shapes, expected) in cases {
+            let registry = registry_of(&shapes);
+            let evicted = registry.evict_idle(true).map(|_| {
+                registry
+                    .lock()
+                    .iter()
+                    .position(|c| c.evicted.load(Ordering::Acquire))
+                    .unwrap()
+            });
+            assert_eq!(evicted, expected, "{shapes:?}");
+        }
+        // A newcomer that has not yet waited the grace takes only silent
+        // newcomers' slots: the keep-alive connections stay.
+        let registry = registry_of(&[(true, 0, true, old, 1), (false, 0, true, old, 8)]);
+        assert!(registry.evict_idle(false).is_some());
+        assert!(registry.lock()[1].evicted.load(Ordering::Acquire));
+        let registry = registry_of(&[(true, 0, true, old, 1), (true, 0, true, old, 2)]);
+        assert!(registry.evict_idle(false).is_none());
     }
 
     #[tokio::test]

@@ -233,6 +233,81 @@ async fn a_flood_of_idle_connections_does_not_lock_out_a_well_behaved_client() {
     app.stop().await;
 }
 
+/// Defect: the cap evicted only connections that never sent a request, so
+/// keep-alive clients sending a request now and then held every slot of
+/// the ops listener (reachable by any pod) and kubelet's probes timed out.
+/// Now the connection idle the longest makes room.
+#[tokio::test]
+async fn busy_keep_alive_clients_filling_the_ops_listener_cannot_starve_a_probe() {
+    let app = TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "16")],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut hogs = Vec::new();
+    for _ in 0..16 {
+        let mut stream = TcpStream::connect(app.ops).await.unwrap();
+        let stop = std::sync::Arc::clone(&stop);
+        hogs.push(tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut answered = 0u32;
+            // A request every 20 ms on the same connection, for at most 10 s.
+            for _ in 0..500 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let sent = stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    .await;
+                match (sent, stream.read(&mut buf).await) {
+                    (Ok(()), Ok(n)) if n > 0 => answered += 1,
+                    _ => break, // evicted to make room
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            answered
+        }));
+    }
+    // Every slot is held by a client that has served requests.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = async {
+        let started = tokio::time::Instant::now();
+        let mut stream = TcpStream::connect(app.ops).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.7:8090\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        (
+            String::from_utf8_lossy(&response).into_owned(),
+            started.elapsed(),
+        )
+    };
+    let (response, took) = tokio::time::timeout(Duration::from_secs(3), probe)
+        .await
+        .expect("the probe is answered while the busy clients go on");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(took < Duration::from_secs(1), "probe took {took:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let served: Vec<u32> = join_counts(hogs).await;
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "the hogs were served: {served:?}"
+    );
+    app.stop().await;
+}
+
+async fn join_counts(tasks: Vec<tokio::task::JoinHandle<u32>>) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_json() {
     let app = TestApp::spawn().await;
