@@ -4,7 +4,8 @@
 //! are simply re-read: before every fetch, and by a watcher that polls
 //! them and wakes the refresh task when they change (which matters after
 //! Klavi rejected the old keys). A file that is briefly unreadable or empty
-//! keeps the last good value rather than losing the key.
+//! keeps the last good value rather than losing the key, and says so once
+//! per change of state (not once a second, which is how often it is read).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,9 +25,18 @@ enum Key {
     Inline(Secret),
     File {
         path: PathBuf,
-        /// The last value read successfully.
-        last_good: Mutex<Secret>,
+        read: Mutex<FileRead>,
     },
+}
+
+/// What the last reads of a key file gave.
+#[derive(Debug)]
+struct FileRead {
+    /// The last value read successfully.
+    last_good: Secret,
+    /// Why the last read failed, if it did: logged when it starts or
+    /// changes, and its end logged too.
+    failing: Option<String>,
 }
 
 impl Key {
@@ -40,7 +50,10 @@ impl Key {
                 })?;
                 Self::File {
                     path: path.clone(),
-                    last_good: Mutex::new(secret),
+                    read: Mutex::new(FileRead {
+                        last_good: secret,
+                        failing: None,
+                    }),
                 }
             }
         })
@@ -51,21 +64,30 @@ impl Key {
     async fn refresh(&self) -> (Secret, bool) {
         match self {
             Self::Inline(secret) => (secret.clone(), false),
-            Self::File { path, last_good } => {
-                let read = read_async(path).await;
-                let mut last = last_good.lock().unwrap_or_else(PoisonError::into_inner);
-                match read {
+            Self::File { path, read } => {
+                let result = read_async(path).await;
+                let mut state = read.lock().unwrap_or_else(PoisonError::into_inner);
+                match result {
                     Ok(secret) => {
-                        let changed = *last != secret;
+                        if state.failing.take().is_some() {
+                            tracing::info!(path = %path.display(), "key file readable again");
+                        }
+                        let changed = state.last_good != secret;
                         if changed {
                             tracing::info!(path = %path.display(), "key file changed");
-                            *last = secret.clone();
+                            state.last_good = secret.clone();
                         }
                         (secret, changed)
                     }
                     Err(message) => {
-                        tracing::warn!(error = %message, "cannot read key file; keeping the last good key");
-                        (last.clone(), false)
+                        if state.failing.as_ref() != Some(&message) {
+                            tracing::warn!(
+                                error = %message,
+                                "cannot read key file; keeping the last good key"
+                            );
+                            state.failing = Some(message);
+                        }
+                        (state.last_good.clone(), false)
                     }
                 }
             }
@@ -179,5 +201,75 @@ mod tests {
         assert_eq!(creds.current().await.0.expose(), "two");
         assert!(!creds.changed().await);
         assert_eq!(creds.current().await.1.expose(), "secret");
+    }
+
+    /// Captures what is logged on this thread.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn count(&self, needle: &str) -> usize {
+            String::from_utf8_lossy(&self.0.lock().unwrap())
+                .matches(needle)
+                .count()
+        }
+    }
+
+    /// Defect: an unreadable key file logged a WARN every second, forever
+    /// (the watcher reads it once a second). Now once per change of state.
+    #[tokio::test]
+    async fn an_unreadable_key_file_is_logged_once_per_change_of_state() {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let dir = tempfile::tempdir().unwrap();
+        let ak = dir.path().join("ak");
+        std::fs::write(&ak, "one").unwrap();
+        let config = KlaviConfig {
+            auth_url: url::Url::parse("http://127.0.0.1:1/auth").unwrap(),
+            access_key: KeySource::File(ak.clone()),
+            secret_key: KeySource::Inline(Secret::new("s")),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        let creds = Credentials::load(&config).unwrap();
+        let warn = "cannot read key file";
+        std::fs::remove_file(&ak).unwrap();
+        for _ in 0..10 {
+            assert_eq!(creds.current().await.0.expose(), "one");
+        }
+        assert_eq!(logs.count(warn), 1, "once while it stays missing");
+        // A different failure is a change of state.
+        std::fs::write(&ak, "\n").unwrap();
+        for _ in 0..5 {
+            creds.current().await;
+        }
+        assert_eq!(logs.count(warn), 2);
+        // Readable again: said once, and the next failure is new.
+        std::fs::write(&ak, "two").unwrap();
+        for _ in 0..5 {
+            assert_eq!(creds.current().await.0.expose(), "two");
+        }
+        assert_eq!(logs.count("key file readable again"), 1);
+        std::fs::remove_file(&ak).unwrap();
+        for _ in 0..5 {
+            creds.current().await;
+        }
+        assert_eq!(logs.count(warn), 3);
     }
 }
