@@ -170,7 +170,7 @@ impl<S: TokenSource> Refresher<S> {
                 _ => scheduled,
             }
             .max(budget_at);
-            let budget_held = budget_at > wanted;
+            let budget_held = budget_at > wanted.max(now);
             if budget_held && !progress.budget_held {
                 self.metrics.auth_budget_exhausted();
                 tracing::warn!(

@@ -66,19 +66,23 @@ fn unavailable_message(u: &Unavailable, forced: bool) -> String {
     let why = match (u.reason, u.last_error) {
         (UnavailableReason::TaskStopped, _) => "the refresh task is not running",
         (_, Some(Category::LocalRateLimit)) => {
-            "the auth budget (refresh.max_auth_per_minute) allows no request to Klavi before              refresh.wait_ms runs out"
+            "the auth budget (refresh.max_auth_per_minute) allows no request to Klavi before \
+             refresh.wait_ms runs out"
         }
         (UnavailableReason::Timeout, None) => {
             "the request to Klavi did not finish within refresh.wait_ms"
         }
         (UnavailableReason::Timeout, Some(_)) => {
-            "the last attempt to fetch a token from Klavi failed and no later one succeeded              within refresh.wait_ms"
+            "the last attempt to fetch a token from Klavi failed and no later one succeeded \
+             within refresh.wait_ms"
         }
         (UnavailableReason::Failed, Some(_)) => {
-            "the last attempt to fetch a token from Klavi failed and the next one is not due              within refresh.wait_ms"
+            "the last attempt to fetch a token from Klavi failed and the next one is not due \
+             within refresh.wait_ms"
         }
         (UnavailableReason::Failed, None) => {
-            "Klavi's last answer brought no token with enough time left, and the next attempt is              not due within refresh.wait_ms"
+            "Klavi's last answer brought no token with enough time left, and the next attempt \
+             is not due within refresh.wait_ms"
         }
         (UnavailableReason::MinTtlUnsatisfiable { .. }, _) => {
             "min_ttl cannot be met (answered 422)"

@@ -93,6 +93,10 @@ async fn without_a_token_requests_wait_then_get_503_with_the_last_error() {
     let body = json(response).await;
     assert_eq!(body["error"], "token_unavailable");
     assert_eq!(body["lastError"], "upstream_unavailable");
+    assert!(
+        body["message"].as_str().unwrap().contains("failed"),
+        "{body}"
+    );
     // Klavi recovers: ready within backoff_max + 1 s.
     app.fake.set_default(Outcome::token());
     eventually(Duration::from_secs(31), "ready after recovery", || async {
@@ -100,6 +104,27 @@ async fn without_a_token_requests_wait_then_get_503_with_the_last_error() {
     })
     .await;
     assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+/// Defect: a 503 said "the last attempt failed" when no attempt had
+/// failed (the first fetch was simply slow). The message now says what
+/// happened.
+#[tokio::test]
+async fn a_503_names_a_failure_only_when_there_was_one() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig::default(),
+        |fake| fake.set_default(Outcome::from(Reply::Hang)),
+        &[("KLAVI_SIDECAR_REFRESH__WAIT_MS", "300")],
+    )
+    .await;
+    let response = app.get_token("").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = json(response).await;
+    assert!(body["lastError"].is_null(), "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(!message.contains("failed"), "{message}");
+    assert!(message.contains("did not finish"), "{message}");
     app.stop().await;
 }
 

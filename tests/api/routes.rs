@@ -53,6 +53,95 @@ async fn accept_text_plain_gets_the_bare_token() {
             .starts_with("text/plain")
     );
     assert_eq!(Some(response.text().await.unwrap()), app.fake.last_token());
+    // q-values decide, on the hot path as through the router (defect: a
+    // refused text/plain listed first was served anyway).
+    for (accept, plain) in [
+        ("text/plain;q=0, application/json", false),
+        ("application/json;q=0.5, text/plain", true),
+        ("text/*, text/plain;q=0", false),
+        ("*/*", false),
+    ] {
+        for query in ["", "?min_ttl=1"] {
+            let response = app
+                .http
+                .get(app.url(&format!("/token{query}")))
+                .header(HEADER.0, HEADER.1)
+                .header("Accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let content_type = response.headers()["content-type"].to_str().unwrap();
+            assert_eq!(
+                content_type.starts_with("text/plain"),
+                plain,
+                "{accept} {query}: {content_type}"
+            );
+        }
+    }
+    app.stop().await;
+}
+
+/// Defect: the Host header was never checked, so a page on a DNS-rebinding
+/// domain (resolving to 127.0.0.1) was same-origin with the sidecar and
+/// could send the header the guard asks for.
+#[tokio::test]
+async fn a_rebinding_host_is_refused_and_allowed_hosts_pass() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS", "sidecar.internal")],
+    )
+    .await;
+    // Twice each: the first GET may go through the router (cold start),
+    // later ones through the hot path; both must check.
+    let cases = [
+        ("evil.example:8089", 403),
+        ("127.0.0.1.nip.io", 403),
+        ("localhost:8089", 200),
+        ("127.0.0.1", 200),
+        ("[::1]:8089", 200),
+        ("sidecar.internal:8089", 200),
+        ("Sidecar.Internal", 200),
+        ("evil.example:8089", 403),
+    ];
+    for round in 0..2 {
+        for (host, status) in cases {
+            for refresh in [false, true] {
+                let request = if refresh {
+                    app.http.post(app.url("/token/refresh"))
+                } else {
+                    app.http.get(app.url("/token"))
+                };
+                let response = request
+                    .header(HEADER.0, HEADER.1)
+                    .header("Host", host)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    response.status().as_u16(),
+                    status,
+                    "round {round} Host {host} refresh {refresh}"
+                );
+                assert_eq!(response.headers()["cache-control"], "no-store");
+                if status == 403 {
+                    let body = json(response).await;
+                    assert_eq!(body["error"], "host_not_allowed");
+                    assert!(body["message"].as_str().unwrap().contains("allowed_hosts"));
+                }
+            }
+        }
+    }
+    // Probes are not token routes: any Host (kubelet sends the pod IP).
+    let response = app
+        .http
+        .get(app.ops_url("/readyz"))
+        .header("Host", "10.1.2.3:8090")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
     app.stop().await;
 }
 
@@ -268,6 +357,53 @@ async fn min_ttl_refreshes_a_token_with_too_little_left() {
     assert!(body["expiresIn"].as_u64().unwrap() >= 298, "{body}");
     assert_ne!(body["accessToken"], first["accessToken"]);
     assert_eq!(app.fake.calls(), 2);
+    app.stop().await;
+}
+
+/// Defect: an app polling a min_ttl close to the token lifetime held
+/// requests waiting for min_interval to pass, then fetched. Now it gets an
+/// answer at once (200, or 422 within min_interval), and Klavi sees at
+/// most one fetch per min_interval.
+#[tokio::test]
+async fn polling_min_ttl_near_the_lifetime_is_answered_at_once_and_bounded() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |_| {},
+        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "2")],
+    )
+    .await;
+    assert_eq!(app.get_token("").await.status(), StatusCode::OK);
+    let started = tokio::time::Instant::now();
+    let (mut ok, mut unsatisfiable, mut slowest) = (0, 0, Duration::ZERO);
+    for _ in 0..45 {
+        let asked = tokio::time::Instant::now();
+        let response = app.get_token("?min_ttl=299").await;
+        slowest = slowest.max(asked.elapsed());
+        match response.status().as_u16() {
+            200 => ok += 1,
+            422 => unsatisfiable += 1,
+            other => panic!("{other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let calls = app.fake.calls();
+    assert!(
+        slowest < Duration::from_millis(500),
+        "slowest answer {slowest:?}"
+    );
+    assert!(
+        unsatisfiable > 0 && ok > 0,
+        "{ok} served, {unsatisfiable} 422"
+    );
+    // One fetch at the start, then at most one per min_interval.
+    assert!(
+        calls as f64 <= 2.0 + elapsed / 2.0,
+        "{calls} calls in {elapsed:.1} s"
+    );
     app.stop().await;
 }
 
