@@ -11,11 +11,11 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use http_body_util::BodyExt;
-use klavi_token_sidecar::http::{AppState, token_router};
-use klavi_token_sidecar::policy::{RefreshPolicy, refresh_offset};
+use klavi_token_sidecar::cache::policy::{RefreshPolicy, refresh_offset};
+use klavi_token_sidecar::cache::store::TokenStore;
+use klavi_token_sidecar::cache::token::Token;
 use klavi_token_sidecar::secret::Secret;
-use klavi_token_sidecar::store::TokenStore;
-use klavi_token_sidecar::token::Token;
+use klavi_token_sidecar::serve::http::{AppState, token_router};
 use tokio::time::Instant;
 use tower::ServiceExt;
 

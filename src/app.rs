@@ -15,15 +15,15 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::refresher::Refresher;
+use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
 use crate::config::{Config, ConfigError};
-use crate::credentials::Credentials;
-use crate::http::{AppState, Guard, ops_router, token_fast_path, token_router};
-use crate::klavi::KlaviClient;
-use crate::metrics::Metrics;
-use crate::refresher::Refresher;
-use crate::server::{self, BindError};
-use crate::store::TokenStore;
+use crate::ops::metrics::Metrics;
+use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
+use crate::serve::server::{self, BindError};
+use crate::upstream::credentials::Credentials;
+use crate::upstream::klavi::KlaviClient;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,7 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let refresher = Refresher::new(client, Arc::clone(&store), config.refresh.policy.clone())
             .key_changes(key_changes)
-            .metrics(Arc::clone(&metrics))
+            .observer(Arc::clone(&metrics) as Arc<dyn crate::cache::refresher::RefreshObserver>)
             .spawn(stop_refresh.clone());
 
         let state = AppState {

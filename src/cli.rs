@@ -14,8 +14,9 @@ use crate::config::{self, Config, ConfigError, Overrides, Sources};
 use crate::fake_klavi::{
     Chaos, DEMO_ACCESS_KEY, DEMO_SECRET_KEY, FakeKlavi, FakeKlaviConfig, Outcome,
 };
-use crate::memory::{self, Release};
-use crate::{demo, healthcheck, shutdown, telemetry};
+use crate::ops::memory::{self, Release};
+use crate::ops::{healthcheck, telemetry};
+use crate::{demo, shutdown};
 
 /// Keeps a valid Klavi payment API token and serves it to apps in the same
 /// pod over loopback HTTP.
@@ -148,7 +149,7 @@ fn block_on(workers: usize, future: impl std::future::Future<Output = ExitCode>)
 /// Parses the command line and runs the command. Configuration is read
 /// before the runtime starts, since it says how many threads to run.
 /// `release_memory`, if given, is called every second while the sidecar
-/// serves (see [`memory`](crate::memory)).
+/// serves (see [`memory`](crate::ops::memory)).
 pub fn main(release_memory: Option<Release>) -> ExitCode {
     let cli = Cli::parse();
     let outer = cli.flags;

@@ -4,7 +4,7 @@
 //! pause and advance. Wall-clock time is needed only to read Klavi's
 //! absolute expiry times and to report `expireAt`; it comes from a
 //! [`WallClock`], read at the edges (the Klavi client) and passed as plain
-//! values to the pure functions of [`crate::expiry`].
+//! values to the pure functions of [`crate::upstream::expiry`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

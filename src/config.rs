@@ -20,9 +20,9 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use url::{Host, Url};
 
-use crate::policy::RefreshPolicy;
+use crate::cache::policy::RefreshPolicy;
 use crate::secret::Secret;
-use crate::server::Limits;
+use crate::serve::server::Limits;
 
 mod ranges;
 pub use ranges::{RANGES, Range};

@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::cache::policy::MAX_LIFETIME;
 use crate::config::{Config, Sources, raw_from};
-use crate::expiry::{self, MAX_BODY_BYTES, Timing};
-use crate::policy::MAX_LIFETIME;
+use crate::upstream::expiry::{self, MAX_BODY_BYTES, Timing};
 
 /// Reads `data` as Klavi's answer: the body, then the expiry under clocks
 /// taken from the input's first bytes.

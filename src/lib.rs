@@ -54,28 +54,18 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod credentials;
 pub mod demo;
-pub mod error;
-pub mod expiry;
 pub mod fake_klavi;
 #[doc(hidden)]
 pub mod fuzz_support;
-pub mod healthcheck;
-pub mod http;
-pub mod klavi;
-pub mod memory;
-pub mod metrics;
-pub mod policy;
-pub mod refresher;
+pub mod ops;
 pub mod secret;
-pub mod server;
+pub mod serve;
 pub mod shutdown;
 #[doc(hidden)]
 pub mod soak;
-pub mod store;
-pub mod telemetry;
-pub mod token;
+pub mod upstream;

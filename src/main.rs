@@ -6,7 +6,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Returns the pages mimalloc holds free to the system, so RSS falls back
-/// after a burst (`klavi_token_sidecar::memory`).
+/// after a burst (`klavi_token_sidecar::ops::memory`).
 #[allow(unsafe_code)]
 fn release_memory() {
     // SAFETY: `mi_collect` has no preconditions: it may be called from any

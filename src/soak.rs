@@ -311,7 +311,7 @@ pub async fn run(
     fake: &FakeKlavi,
     rss: impl Fn() -> Option<u64>,
 ) -> SoakReport {
-    crate::klavi::install_crypto_provider();
+    crate::upstream::klavi::install_crypto_provider();
     let config = Arc::new(config);
     let shared = Arc::new(Shared::default());
     let http = reqwest::Client::builder()

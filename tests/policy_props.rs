@@ -3,12 +3,12 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use klavi_token_sidecar::error::Category;
-use klavi_token_sidecar::expiry::{Timing, parse_auth_body, resolve};
-use klavi_token_sidecar::policy::{
+use klavi_token_sidecar::cache::policy::{
     Failure, MAX_LIFETIME, RefreshPolicy, backoff, delay_after_failure, delay_after_success,
     refresh_offset,
 };
+use klavi_token_sidecar::cache::source::Category;
+use klavi_token_sidecar::upstream::expiry::{Timing, parse_auth_body, resolve};
 use proptest::prelude::*;
 
 fn policy() -> impl Strategy<Value = RefreshPolicy> {

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use klavi_token_sidecar::error::{Category, FetchError, InvalidResponse};
-use klavi_token_sidecar::policy::RefreshPolicy;
-use klavi_token_sidecar::refresher::{Jitter, Refresher, TokenSource};
+use klavi_token_sidecar::cache::policy::RefreshPolicy;
+use klavi_token_sidecar::cache::refresher::{Jitter, Refresher};
+use klavi_token_sidecar::cache::source::{Category, FetchError, TokenSource};
+use klavi_token_sidecar::cache::store::{TokenStore, UnavailableReason};
+use klavi_token_sidecar::cache::token::Token;
 use klavi_token_sidecar::secret::Secret;
-use klavi_token_sidecar::store::{TokenStore, UnavailableReason};
-use klavi_token_sidecar::token::Token;
+use klavi_token_sidecar::upstream::error::InvalidResponse;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;

@@ -22,7 +22,7 @@ pub struct TestApp {
 }
 
 pub fn client() -> reqwest::Client {
-    klavi_token_sidecar::klavi::install_crypto_provider();
+    klavi_token_sidecar::upstream::klavi::install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(20))

@@ -471,9 +471,9 @@ async fn a_min_ttl_longer_than_the_last_lifetime_is_met_when_klavi_gives_more() 
 #[tokio::test]
 async fn probes_report_a_dead_refresh_task_and_an_expired_token() {
     use http_body_util::BodyExt;
-    use klavi_token_sidecar::http::{AppState, ops_router};
+    use klavi_token_sidecar::cache::store::TokenStore;
     use klavi_token_sidecar::secret::Secret;
-    use klavi_token_sidecar::store::TokenStore;
+    use klavi_token_sidecar::serve::http::{AppState, ops_router};
     use tower::ServiceExt;
 
     async fn get(router: axum::Router, path: &str) -> (u16, serde_json::Value) {
@@ -502,7 +502,7 @@ async fn probes_report_a_dead_refresh_task_and_an_expired_token() {
         )
     );
     // A token held but within the serve margin: token_expired.
-    let token = klavi_token_sidecar::token::Token::new(
+    let token = klavi_token_sidecar::cache::token::Token::new(
         Secret::new("t"),
         tokio::time::Instant::now(),
         Duration::from_secs(4),
@@ -592,12 +592,13 @@ async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
 #[tokio::test]
 async fn a_request_over_the_time_limit_gets_408_json() {
     use http_body_util::BodyExt;
-    use klavi_token_sidecar::error::FetchError;
-    use klavi_token_sidecar::http::{AppState, token_router};
-    use klavi_token_sidecar::policy::RefreshPolicy;
-    use klavi_token_sidecar::refresher::{Refresher, TokenSource};
-    use klavi_token_sidecar::store::TokenStore;
-    use klavi_token_sidecar::token::Token;
+    use klavi_token_sidecar::cache::policy::RefreshPolicy;
+    use klavi_token_sidecar::cache::refresher::Refresher;
+    use klavi_token_sidecar::cache::source::FetchError;
+    use klavi_token_sidecar::cache::source::TokenSource;
+    use klavi_token_sidecar::cache::store::TokenStore;
+    use klavi_token_sidecar::cache::token::Token;
+    use klavi_token_sidecar::serve::http::{AppState, token_router};
     use std::sync::Arc;
     use tower::ServiceExt;
 
@@ -637,10 +638,10 @@ async fn a_request_over_the_time_limit_gets_408_json() {
 #[tokio::test]
 async fn the_hot_path_answers_exactly_as_the_router_does() {
     use http_body_util::BodyExt;
-    use klavi_token_sidecar::http::{AppState, token_router};
+    use klavi_token_sidecar::cache::store::TokenStore;
+    use klavi_token_sidecar::cache::token::Token;
     use klavi_token_sidecar::secret::Secret;
-    use klavi_token_sidecar::store::TokenStore;
-    use klavi_token_sidecar::token::Token;
+    use klavi_token_sidecar::serve::http::{AppState, token_router};
     use tower::ServiceExt;
 
     // The real app answers GET /token on the hot path once a token is held.

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use klavi_token_sidecar::cache::source::TokenSource;
+use klavi_token_sidecar::cache::source::{Category, FetchError};
 use klavi_token_sidecar::clock::SystemClock;
-use klavi_token_sidecar::credentials::Credentials;
-use klavi_token_sidecar::error::{Category, FetchError};
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig, Outcome, Reply};
-use klavi_token_sidecar::klavi::{KlaviClient, USER_AGENT};
-use klavi_token_sidecar::refresher::TokenSource;
 use klavi_token_sidecar::secret::Secret;
+use klavi_token_sidecar::upstream::credentials::Credentials;
+use klavi_token_sidecar::upstream::klavi::{KlaviClient, USER_AGENT};
 use tokio::time::Instant;
 
 use crate::helpers::test_config;

@@ -18,9 +18,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use crate::cache::source::Category;
+use crate::cache::store::TokenStore;
 use crate::clock::unix_secs;
-use crate::error::Category;
-use crate::store::TokenStore;
 
 /// `Content-Type` of the exposition (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -382,5 +382,24 @@ mod tests {
         ] {
             assert_eq!(route_label(path), label);
         }
+    }
+}
+
+impl crate::cache::refresher::RefreshObserver for Metrics {
+    fn attempt_started(&self) {
+        self.upstream_started();
+    }
+
+    fn attempt_finished(
+        &self,
+        duration: Duration,
+        failure: Option<Category>,
+        consecutive_failures: u32,
+    ) {
+        self.upstream_finished(duration, failure, consecutive_failures);
+    }
+
+    fn budget_exhausted(&self) {
+        self.auth_budget_exhausted();
     }
 }

@@ -26,7 +26,7 @@ pub fn url(explicit: Option<String>, sources: &Sources) -> String {
 /// GETs the URL: exit 0 on 200, 1 otherwise, with one line on failure.
 pub async fn run(explicit: Option<String>, sources: &Sources) -> ExitCode {
     let url = url(explicit, sources);
-    crate::klavi::install_crypto_provider();
+    crate::upstream::klavi::install_crypto_provider();
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .no_proxy()

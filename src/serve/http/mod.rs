@@ -28,10 +28,10 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 pub use guard::Guard;
 
-use crate::error::Category;
-use crate::metrics::{ForcedOutcome, Metrics, MinTtlOutcome, route_label};
-use crate::store::{TokenStore, Unavailable, UnavailableReason};
-use crate::token::Token;
+use crate::cache::source::Category;
+use crate::cache::store::{TokenStore, Unavailable, UnavailableReason};
+use crate::cache::token::Token;
+use crate::ops::metrics::{ForcedOutcome, Metrics, MinTtlOutcome, route_label};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -134,7 +134,7 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
 /// servable token is held gets the token, the same headers and the same
 /// metrics and trace event as through the router. Anything else (an error
 /// to report, `min_ttl`, no servable token) goes through the router.
-pub fn token_fast_path(state: AppState) -> crate::server::FastPath {
+pub fn token_fast_path(state: AppState) -> crate::serve::server::FastPath {
     let ok = state.metrics.token_ok_counter();
     Arc::new(move |request| {
         if request.method() != http::Method::GET
@@ -375,7 +375,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            HeaderValue::from_static(crate::ops::metrics::CONTENT_TYPE),
         )],
         state.metrics.encode(&state.store),
     )

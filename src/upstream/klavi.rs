@@ -2,7 +2,7 @@
 //!
 //! Turns Klavi's answer into a [`Token`] or a categorised [`FetchError`]:
 //! status codes by SPEC section 3's table, `Retry-After`, bodies capped at
-//! 64 KiB, the expiry read by [`crate::expiry`] and placed on the local
+//! 64 KiB, the expiry read by [`crate::upstream::expiry`] and placed on the local
 //! monotonic clock from the moment the request was sent.
 
 use std::sync::Arc;
@@ -13,14 +13,14 @@ use serde::Serialize;
 use tokio::time::Instant;
 use url::Url;
 
+use crate::cache::source::{FetchError, TokenSource};
+use crate::cache::token::Token;
 use crate::clock::WallClock;
 use crate::config::KlaviConfig;
-use crate::credentials::Credentials;
-use crate::error::{FetchError, InvalidResponse};
-use crate::expiry::{self, MAX_BODY_BYTES, Timing};
-use crate::policy::parse_retry_after;
-use crate::refresher::TokenSource;
-use crate::token::Token;
+use crate::upstream::credentials::Credentials;
+use crate::upstream::error::InvalidResponse;
+use crate::upstream::expiry::{self, MAX_BODY_BYTES, Timing};
+use crate::upstream::retry_after::parse_retry_after;
 
 /// `User-Agent` sent to Klavi.
 pub const USER_AGENT: &str = concat!("klavi-token-sidecar/", env!("CARGO_PKG_VERSION"));

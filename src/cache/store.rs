@@ -15,8 +15,8 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::error::Category;
-use crate::token::Token;
+use crate::cache::source::Category;
+use crate::cache::token::Token;
 
 /// What the refresh task publishes after every step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

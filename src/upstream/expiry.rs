@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use serde_json::{Map, Value};
 
+use crate::cache::policy::MAX_LIFETIME;
 use crate::clock::{shift, unix_secs};
-use crate::error::InvalidResponse;
-use crate::policy::MAX_LIFETIME;
 use crate::secret::Secret;
+use crate::upstream::error::InvalidResponse;
 
 /// Response bodies longer than this are refused (SPEC section 3).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

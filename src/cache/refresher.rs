@@ -9,7 +9,6 @@
 //! more than `max_auth_per_minute` requests in a minute. It keeps the last
 //! good token through failures and logs each change of state once.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -18,24 +17,35 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument as _;
 
-use crate::error::{Category, FetchError};
-use crate::metrics::Metrics;
-use crate::policy::{self, AuthBudget, BUDGET_WINDOW, Failure, RefreshPolicy};
-use crate::store::TokenStore;
-use crate::token::Token;
+use crate::cache::policy::{self, AuthBudget, BUDGET_WINDOW, Failure, RefreshPolicy};
+use crate::cache::source::{Category, FetchError, TokenSource};
+use crate::cache::store::TokenStore;
+use crate::cache::token::Token;
 
-/// Where tokens come from: the Klavi client in production, scripted
-/// sources in tests.
-pub trait TokenSource: Send + Sync + 'static {
-    /// Asks for a new token. Must apply its own timeouts.
-    fn fetch(&self) -> impl Future<Output = Result<Token, FetchError>> + Send;
-}
-
-impl<T: TokenSource> TokenSource for Arc<T> {
-    fn fetch(&self) -> impl Future<Output = Result<Token, FetchError>> + Send {
-        (**self).fetch()
+/// What the refresh task reports as it goes: the profile's metrics in
+/// production. Every method does nothing unless implemented.
+pub trait RefreshObserver: Send + Sync + 'static {
+    /// A request to the source starts.
+    fn attempt_started(&self) {}
+    /// It ended after `duration`; `failure` is its category if it failed;
+    /// `consecutive_failures` counts failures since the last success.
+    fn attempt_finished(
+        &self,
+        duration: std::time::Duration,
+        failure: Option<Category>,
+        consecutive_failures: u32,
+    ) {
+        let _ = (duration, failure, consecutive_failures);
     }
+    /// The auth budget starts holding a wanted fetch back.
+    fn budget_exhausted(&self) {}
 }
+
+/// Observes nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unobserved;
+
+impl RefreshObserver for Unobserved {}
 
 /// A source of jitter values in `[0, 1)`.
 pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
@@ -52,7 +62,7 @@ pub struct Refresher<S> {
     policy: RefreshPolicy,
     jitter: Jitter,
     key_changes: Arc<Notify>,
-    metrics: Arc<Metrics>,
+    observer: Arc<dyn RefreshObserver>,
 }
 
 impl<S> std::fmt::Debug for Refresher<S> {
@@ -99,7 +109,7 @@ struct Progress {
 
 impl<S: TokenSource> Refresher<S> {
     /// A refresher filling `store` from `source` by `policy`, with random
-    /// jitter, no key-file notifications and its own metrics until told
+    /// jitter, no key-file notifications and no observer until told
     /// otherwise.
     pub fn new(source: S, store: Arc<TokenStore>, policy: RefreshPolicy) -> Self {
         Self {
@@ -108,7 +118,7 @@ impl<S: TokenSource> Refresher<S> {
             policy,
             jitter: random_jitter(),
             key_changes: Arc::new(Notify::new()),
-            metrics: Arc::new(Metrics::new()),
+            observer: Arc::new(Unobserved),
         }
     }
 
@@ -125,9 +135,9 @@ impl<S: TokenSource> Refresher<S> {
         self
     }
 
-    /// Where to count attempts and their latency.
-    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
+    /// Who hears of attempts, their latency and budget holds.
+    pub fn observer(mut self, observer: Arc<dyn RefreshObserver>) -> Self {
+        self.observer = observer;
         self
     }
 
@@ -172,7 +182,7 @@ impl<S: TokenSource> Refresher<S> {
             .max(budget_at);
             let budget_held = budget_at > wanted.max(now);
             if budget_held && !progress.budget_held {
-                self.metrics.auth_budget_exhausted();
+                self.observer.budget_exhausted();
                 tracing::warn!(
                     max_auth_per_minute = self.policy.max_auth_per_minute,
                     next_attempt_in_ms =
@@ -220,7 +230,7 @@ impl<S: TokenSource> Refresher<S> {
                 next_attempt_in_ms = tracing::field::Empty,
             );
             self.store.update_state(|s| s.fetching = true);
-            self.metrics.upstream_started();
+            self.observer.attempt_started();
             let started = Instant::now();
             let outcome = tokio::select! {
                 biased;
@@ -234,7 +244,7 @@ impl<S: TokenSource> Refresher<S> {
                 Ok(token) => {
                     span.record("outcome", "success");
                     span.record("fingerprint", token.fingerprint());
-                    self.metrics.upstream_finished(duration, None, 0);
+                    self.observer.attempt_finished(duration, None, 0);
                     self.on_success(token, &mut progress)
                 }
                 Err(error) => {
@@ -243,7 +253,7 @@ impl<S: TokenSource> Refresher<S> {
                     if let Some(status) = error.status() {
                         span.record("upstream_status", status);
                     }
-                    self.metrics.upstream_finished(
+                    self.observer.attempt_finished(
                         duration,
                         Some(error.category()),
                         progress.failures.saturating_add(1),

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-use crate::error::Category;
-use crate::store::{Unavailable, UnavailableReason};
+use crate::cache::source::Category;
+use crate::cache::store::{Unavailable, UnavailableReason};
 
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
