@@ -1,5 +1,5 @@
 //! The long chaos soak: `scripts/soak [SECONDS]` runs this against the
-//! release binary. See `klavi_token_sidecar::soak` for what it checks.
+//! release binary. See `klavi_sidecar_testkit::soak` for what it checks.
 
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
-use klavi_token_sidecar::soak::{self, Sidecar, SoakConfig};
+use klavi_sidecar_testkit::soak::{self, Sidecar, SoakConfig};
 
 /// Chaos soak of the sidecar binary on loopback.
 #[derive(Debug, Parser)]

@@ -60,12 +60,8 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fake_klavi;
-#[doc(hidden)]
-pub mod fuzz_support;
 pub mod ops;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;
-#[doc(hidden)]
-pub mod soak;
 pub mod upstream;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use klavi_token_sidecar::fuzz_support;
+use klavi_sidecar_testkit::fuzz;
 
 fn replay(dir: &str, target: fn(&[u8])) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
@@ -24,10 +24,10 @@ fn replay(dir: &str, target: fn(&[u8])) -> usize {
 
 #[test]
 fn auth_response_corpus_replays_cleanly() {
-    assert!(replay("auth_response", fuzz_support::auth_response) >= 10);
+    assert!(replay("auth_response", fuzz::auth_response) >= 10);
 }
 
 #[test]
 fn configuration_corpus_replays_cleanly() {
-    assert!(replay("configuration", fuzz_support::configuration) >= 4);
+    assert!(replay("configuration", fuzz::configuration) >= 4);
 }

@@ -1,6 +1,6 @@
 //! A short chaos soak inside `cargo test` (about 25 s): the sidecar binary
 //! under load while the fake Klavi cycles through every fault. The long
-//! run is `scripts/soak`; both use `klavi_token_sidecar::soak`.
+//! run is `scripts/soak`; both use `klavi_sidecar_testkit::soak`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
-use klavi_token_sidecar::soak::{self, Sidecar, SoakConfig};
+use klavi_sidecar_testkit::soak::{self, Sidecar, SoakConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_keeps_every_guarantee() {

@@ -364,6 +364,25 @@ impl Metrics {
     }
 }
 
+impl crate::cache::refresher::RefreshObserver for Metrics {
+    fn attempt_started(&self) {
+        self.upstream_started();
+    }
+
+    fn attempt_finished(
+        &self,
+        duration: Duration,
+        failure: Option<Category>,
+        consecutive_failures: u32,
+    ) {
+        self.upstream_finished(duration, failure, consecutive_failures);
+    }
+
+    fn budget_exhausted(&self) {
+        self.auth_budget_exhausted();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,24 +401,5 @@ mod tests {
         ] {
             assert_eq!(route_label(path), label);
         }
-    }
-}
-
-impl crate::cache::refresher::RefreshObserver for Metrics {
-    fn attempt_started(&self) {
-        self.upstream_started();
-    }
-
-    fn attempt_finished(
-        &self,
-        duration: Duration,
-        failure: Option<Category>,
-        consecutive_failures: u32,
-    ) {
-        self.upstream_finished(duration, failure, consecutive_failures);
-    }
-
-    fn budget_exhausted(&self) {
-        self.auth_budget_exhausted();
     }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
-use crate::fake_klavi::{Chaos, FakeKlavi, Outcome};
+use klavi_token_sidecar::fake_klavi::{Chaos, FakeKlavi, Outcome};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -311,7 +311,7 @@ pub async fn run(
     fake: &FakeKlavi,
     rss: impl Fn() -> Option<u64>,
 ) -> SoakReport {
-    crate::upstream::klavi::install_crypto_provider();
+    klavi_token_sidecar::upstream::klavi::install_crypto_provider();
     let config = Arc::new(config);
     let shared = Arc::new(Shared::default());
     let http = reqwest::Client::builder()
@@ -483,8 +483,8 @@ impl Sidecar {
                 &format!("127.0.0.1:{ops}"),
             ])
             .env_clear()
-            .env("KLAVI_ACCESS_KEY", crate::fake_klavi::DEMO_ACCESS_KEY)
-            .env("KLAVI_SECRET_KEY", crate::fake_klavi::DEMO_SECRET_KEY)
+            .env("KLAVI_ACCESS_KEY", klavi_token_sidecar::fake_klavi::DEMO_ACCESS_KEY)
+            .env("KLAVI_SECRET_KEY", klavi_token_sidecar::fake_klavi::DEMO_SECRET_KEY)
             .env("KLAVI_SIDECAR_KLAVI__BASE_URL", klavi_base_url)
             .envs(extra_env.iter().copied())
             .stdin(std::process::Stdio::null())

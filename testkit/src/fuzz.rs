@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::cache::policy::MAX_LIFETIME;
-use crate::config::{Config, Sources, raw_from};
-use crate::upstream::expiry::{self, MAX_BODY_BYTES, Timing};
+use klavi_token_sidecar::cache::policy::MAX_LIFETIME;
+use klavi_token_sidecar::config::{Config, Sources, raw_from};
+use klavi_token_sidecar::upstream::expiry::{self, MAX_BODY_BYTES, Timing};
 
 /// Reads `data` as Klavi's answer: the body, then the expiry under clocks
 /// taken from the input's first bytes.
@@ -21,7 +21,7 @@ pub fn auth_response(data: &[u8]) {
     let elapsed = Duration::from_millis(u64::from(word(4) % 120_000));
     // A Date header anywhere within a day of sending, or none.
     let skew = i64::from(word(8) % 172_800) - 86_400;
-    let date_header = (word(8) % 3 != 0).then(|| crate::clock::shift(sent, skew as f64));
+    let date_header = (word(8) % 3 != 0).then(|| klavi_token_sidecar::clock::shift(sent, skew as f64));
     let timing = Timing {
         sent,
         received: sent + elapsed,
@@ -55,7 +55,7 @@ pub fn configuration(data: &[u8]) {
         .filter_map(|line| line.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         // Key files would touch the file system; keep the fuzzer pure.
-        .filter(|(k, _)| !k.contains("FILE") && k != crate::config::CONFIG_ENV)
+        .filter(|(k, _)| !k.contains("FILE") && k != klavi_token_sidecar::config::CONFIG_ENV)
         .collect();
     let sources = Sources {
         env,
@@ -69,7 +69,7 @@ pub fn configuration(data: &[u8]) {
     if let Ok(config) = Config::validate(raw) {
         // A valid configuration renders, and nothing secret shows.
         let rendered = config.to_redacted_toml();
-        if let crate::config::KeySource::Inline(secret) = &config.klavi.secret_key {
+        if let klavi_token_sidecar::config::KeySource::Inline(secret) = &config.klavi.secret_key {
             let value = secret.expose();
             if value.len() >= 8 && !"[REDACTED]".contains(value) {
                 assert!(!rendered.contains(value), "secret rendered");
