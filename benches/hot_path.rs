@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the hot path: `GET /token` through the full router
-//! and middleware stack (tower `oneshot`, no sockets), the body it serves,
-//! and the refresh schedule. `cargo bench`; CI only compiles them.
+//! and middleware stack (tower `oneshot`, no sockets; the body rendered
+//! once per token, as served) and the refresh schedule. `cargo bench`; CI only compiles them.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -45,7 +45,7 @@ fn get_token(c: &mut Criterion) {
             Duration::from_secs(5),
         ));
         store.set_token(Arc::new(token()));
-        token_router(AppState::new(store, Duration::from_secs(5)))
+        token_router(AppState::single(store, Duration::from_secs(5)))
     });
     c.bench_function("GET /token through the router", |b| {
         b.to_async(&runtime).iter(|| {
@@ -82,17 +82,6 @@ fn get_token(c: &mut Criterion) {
     });
 }
 
-fn body(c: &mut Criterion) {
-    let token = token();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let _guard = runtime.as_ref().map(|r| r.enter());
-    c.bench_function("token JSON body", |b| {
-        b.iter(|| black_box(token.json_body(Instant::now())))
-    });
-}
-
 fn schedule(c: &mut Criterion) {
     let policy = RefreshPolicy::default();
     c.bench_function("refresh schedule", |b| {
@@ -106,5 +95,5 @@ fn schedule(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, get_token, body, schedule);
+criterion_group!(benches, get_token, schedule);
 criterion_main!(benches);

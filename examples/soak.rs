@@ -6,8 +6,8 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
 use klavi_sidecar_testkit::soak::{self, Sidecar, SoakConfig};
+use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
 
 /// Chaos soak of the sidecar binary on loopback.
 #[derive(Debug, Parser)]

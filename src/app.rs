@@ -2,10 +2,11 @@
 //! told to stop.
 //!
 //! [`Application::build`] binds both listeners first, so a taken port fails
-//! at once and `/healthz` answers before the first fetch (guarantee 5).
-//! [`Application::run_until_stopped`] starts the refresh task, the key-file
-//! watcher and both servers; on shutdown the servers drain within the grace,
-//! then the refresh task stops.
+//! at once and `/healthz` answers before the first fetch (guarantee 5), and
+//! prepares every profile: its keys, its Klavi client, its store.
+//! [`Application::run_until_stopped`] starts each profile's refresh task
+//! and key-file watcher, then both servers; on shutdown the servers drain
+//! within the grace, then the refresh tasks stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,11 +16,12 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::refresher::Refresher;
+use crate::cache::refresher::{RefreshObserver, Refresher};
 use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ProfileConfig};
 use crate::ops::metrics::Metrics;
+use crate::profile::{Profile, Profiles};
 use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
 use crate::serve::server::{self, BindError};
 use crate::upstream::credentials::Credentials;
@@ -39,6 +41,15 @@ pub enum StartError {
     Client(String),
 }
 
+/// One profile, built and ready to start.
+#[derive(Debug)]
+struct Parts {
+    config: ProfileConfig,
+    credentials: Arc<Credentials>,
+    client: KlaviClient,
+    store: Arc<TokenStore>,
+}
+
 /// The sidecar, bound and ready to run.
 #[derive(Debug)]
 pub struct Application {
@@ -47,22 +58,13 @@ pub struct Application {
     ops_listener: Option<TcpListener>,
     token_addr: SocketAddr,
     ops_addr: Option<SocketAddr>,
-    credentials: Arc<Credentials>,
-    client: KlaviClient,
-    store: Arc<TokenStore>,
+    profiles: Vec<Parts>,
 }
 
 impl Application {
-    /// Loads the keys, builds the Klavi client and binds both listeners.
+    /// Binds both listeners, then loads every profile's keys and builds its
+    /// Klavi client and store.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let credentials = Arc::new(Credentials::load(&config.klavi)?);
-        let client = KlaviClient::new(
-            &config.klavi,
-            config.refresh.fallback_ttl,
-            Arc::clone(&credentials),
-            Arc::new(SystemClock),
-        )
-        .map_err(|e| StartError::Client(e.to_string()))?;
         let token_listener = server::bind("server.listen", config.server.listen).await?;
         let token_addr = token_listener.local_addr().map_err(|source| BindError {
             key: "server.listen",
@@ -81,21 +83,36 @@ impl Application {
             }
             None => (None, None),
         };
-        let refresh = &config.refresh;
-        let store = Arc::new(TokenStore::new(
-            refresh.policy.serve_margin,
-            refresh.policy.min_interval,
-            refresh.wait,
-        ));
+        let mut profiles = Vec::with_capacity(config.profiles.len());
+        for profile in &config.profiles {
+            let credentials = Arc::new(Credentials::load(&profile.name, &profile.klavi)?);
+            let client = KlaviClient::new(
+                &profile.klavi,
+                profile.refresh.fallback_ttl,
+                Arc::clone(&credentials),
+                Arc::new(SystemClock),
+            )
+            .map_err(|e| StartError::Client(e.to_string()))?;
+            let refresh = &profile.refresh;
+            let store = Arc::new(TokenStore::new(
+                refresh.policy.serve_margin,
+                refresh.policy.min_interval,
+                refresh.wait,
+            ));
+            profiles.push(Parts {
+                config: profile.clone(),
+                credentials,
+                client,
+                store,
+            });
+        }
         Ok(Self {
             config,
             token_listener,
             ops_listener,
             token_addr,
             ops_addr,
-            credentials,
-            client,
-            store,
+            profiles,
         })
     }
 
@@ -117,31 +134,56 @@ impl Application {
             ops_listener,
             token_addr,
             ops_addr,
-            credentials,
-            client,
-            store,
+            profiles,
         } = self;
         let stop_refresh = CancellationToken::new();
-        let key_changes = Arc::new(Notify::new());
-        let watcher = credentials.watch(Arc::clone(&key_changes), stop_refresh.clone());
-        let metrics = Arc::new(Metrics::new());
-        let refresher = Refresher::new(client, Arc::clone(&store), config.refresh.policy.clone())
+        let metrics = Arc::new(Metrics::new(Arc::new(SystemClock)));
+        let mut tasks = JoinSet::new();
+        let mut served = Vec::with_capacity(profiles.len());
+        for parts in profiles {
+            let name = parts.config.name.clone();
+            let profile_metrics = metrics.profile(&name);
+            let key_changes = Arc::new(Notify::new());
+            if let Some(watcher) = parts
+                .credentials
+                .watch(Arc::clone(&key_changes), stop_refresh.clone())
+            {
+                tasks.spawn(async move {
+                    let _ = watcher.await;
+                });
+            }
+            let observer: Arc<dyn RefreshObserver> = Arc::new(profile_metrics.clone());
+            let refresher = Refresher::new(
+                parts.client,
+                Arc::clone(&parts.store),
+                parts.config.refresh.policy.clone(),
+            )
             .key_changes(key_changes)
-            .observer(Arc::clone(&metrics) as Arc<dyn crate::cache::refresher::RefreshObserver>)
+            .observer(observer)
             .spawn(stop_refresh.clone());
+            tasks.spawn(async move {
+                let _ = refresher.await;
+            });
+            served.push(Arc::new(Profile::new(
+                &name,
+                parts.store,
+                profile_metrics,
+                parts.config.required,
+            )));
+        }
+        let names: Vec<String> = served.iter().map(|p| p.name().to_string()).collect();
+        let profiles = Profiles::new(served);
 
-        let state = AppState {
-            store,
-            metrics,
-            guard: Guard {
-                require_header: config.server.require_header,
-                allowed_hosts: config.server.allowed_hosts.clone().into(),
-            },
-            request_timeout: config.server.request_timeout,
-            max_body_bytes: config.server.max_body_bytes,
+        let server_config = &config.server;
+        let mut state = AppState::new(&profiles, metrics, std::time::Duration::ZERO);
+        state.guard = Guard {
+            require_header: server_config.require_header,
+            allowed_hosts: server_config.allowed_hosts.clone().into(),
         };
-        let limits = config.server.limits;
-        let grace = config.server.shutdown_grace;
+        state.request_timeout = server_config.request_timeout;
+        state.max_body_bytes = server_config.max_body_bytes;
+        let limits = server_config.limits;
+        let grace = server_config.shutdown_grace;
         let mut servers = JoinSet::new();
         servers.spawn(server::serve(
             "token",
@@ -167,16 +209,14 @@ impl Application {
             version = env!("CARGO_PKG_VERSION"),
             token_listener = %token_addr,
             ops_listener = %ops_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
-            klavi = %config.klavi.auth_url,
+            profiles = %names.join(","),
+            klavi = %config.profiles.first().map_or_else(String::new, |p| p.klavi.auth_url.to_string()),
             "klavi-token-sidecar started"
         );
 
         while servers.join_next().await.is_some() {}
         stop_refresh.cancel();
-        let _ = refresher.await;
-        if let Some(watcher) = watcher {
-            let _ = watcher.await;
-        }
+        while tasks.join_next().await.is_some() {}
         tracing::info!("stopped");
     }
 }

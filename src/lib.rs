@@ -61,6 +61,7 @@ pub mod config;
 pub mod demo;
 pub mod fake_klavi;
 pub mod ops;
+pub mod profile;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;

@@ -7,8 +7,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
 use klavi_sidecar_testkit::soak::{self, Sidecar, SoakConfig};
+use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_keeps_every_guarantee() {

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
-use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
 use crate::clock::unix_secs;
@@ -13,9 +12,8 @@ use crate::secret::Secret;
 ///
 /// The deadline counts from the moment the request that fetched it was
 /// sent, so neither time on the wire nor a wall-clock jump can make the
-/// token look fresher than it is. The bodies `GET /token` answers with are
-/// prepared here, once per token, so serving one is a copy, not a
-/// serialisation.
+/// token look fresher than it is. How a consumer renders it (a JSON body,
+/// a header, a file) is the consumer's business.
 #[derive(Clone)]
 pub struct Token {
     value: Secret,
@@ -23,10 +21,6 @@ pub struct Token {
     sent_at: Instant,
     expires_at: Instant,
     expire_at_unix: i64,
-    /// `{"accessToken":"…","tokenType":"Bearer","expireAt":N,"expiresIn":`
-    json_head: Bytes,
-    /// The bare token, for `Accept: text/plain`.
-    plain: Bytes,
 }
 
 impl fmt::Debug for Token {
@@ -61,37 +55,13 @@ impl Token {
         let lifetime = lifetime.saturating_sub(fraction);
         let expires_at = sent_at.checked_add(lifetime).unwrap_or(sent_at);
         let expire_at_unix = whole as i64;
-        // A string always serialises; the fallback only keeps this total.
-        let quoted = serde_json::to_string(value.expose()).unwrap_or_else(|_| "\"\"".into());
-        let json_head = Bytes::from(format!(
-            r#"{{"accessToken":{quoted},"tokenType":"Bearer","expireAt":{expire_at_unix},"expiresIn":"#
-        ));
         Self {
             fingerprint: value.fingerprint(),
-            plain: Bytes::copy_from_slice(value.expose().as_bytes()),
             value,
             sent_at,
             expires_at,
             expire_at_unix,
-            json_head,
         }
-    }
-
-    /// The `GET /token` JSON body at `now`:
-    /// `{"accessToken":…,"tokenType":"Bearer","expireAt":…,"expiresIn":…}`.
-    pub fn json_body(&self, now: Instant) -> Bytes {
-        let mut seconds = itoa::Buffer::new();
-        let seconds = seconds.format(self.remaining(now).as_secs());
-        let mut body = BytesMut::with_capacity(self.json_head.len() + seconds.len() + 1);
-        body.put_slice(&self.json_head);
-        body.put_slice(seconds.as_bytes());
-        body.put_u8(b'}');
-        body.freeze()
-    }
-
-    /// The bare token, for `Accept: text/plain`.
-    pub fn plain_body(&self) -> Bytes {
-        self.plain.clone()
     }
 
     /// The token itself.
@@ -150,13 +120,6 @@ mod tests {
             UNIX_EPOCH + Duration::from_secs(1_000),
         );
         assert_eq!(token.expire_at_unix(), 1_000);
-        let body: serde_json::Value =
-            serde_json::from_slice(&token.json_body(Instant::now())).unwrap();
-        assert_eq!(
-            body,
-            serde_json::json!({"accessToken": "abc", "tokenType": "Bearer", "expireAt": 1000, "expiresIn": 30})
-        );
-        assert_eq!(&token.plain_body()[..], b"abc");
         assert!(!format!("{token:?}").contains("abc"));
         assert_eq!(token.fingerprint(), "ba7816bf");
         assert_eq!(token.lifetime(), Duration::from_secs(30));
@@ -264,32 +227,6 @@ mod rounding_tests {
                 "{expire}: {:?}",
                 token.lifetime()
             );
-        }
-    }
-}
-
-#[cfg(test)]
-mod body_tests {
-    use super::*;
-    use std::time::UNIX_EPOCH;
-
-    #[tokio::test(start_paused = true)]
-    async fn json_body_escapes_and_counts_down() {
-        for value in ["plain", "with \"quotes\" and \\", "unicode é ✓", "ctl\u{1}"] {
-            let token = Token::new(
-                Secret::new(value),
-                Instant::now(),
-                Duration::from_secs(300),
-                UNIX_EPOCH,
-            );
-            let body: serde_json::Value =
-                serde_json::from_slice(&token.json_body(Instant::now())).unwrap();
-            assert_eq!(body["accessToken"], value);
-            assert_eq!(body["expiresIn"], 300);
-            tokio::time::advance(Duration::from_millis(1500)).await;
-            let body: serde_json::Value =
-                serde_json::from_slice(&token.json_body(Instant::now())).unwrap();
-            assert_eq!(body["expiresIn"], 298);
         }
     }
 }

@@ -1,13 +1,18 @@
 //! Prometheus metrics (SPEC section 6), served on the ops listener.
 //!
-//! Counters and the latency histogram are updated as things happen; the
-//! gauges that describe the held token (expiry, readiness, next refresh)
-//! are read from the store at scrape time, so they are never stale. Label
-//! values come from small fixed sets: matched routes, status codes, error
-//! categories; never a token, a key or a raw path.
+//! Every per-profile series has a `profile` label, whose values are the
+//! configured profile names and nothing else (a request for an unknown
+//! profile counts under `profile=""`). Counters and the latency histogram
+//! are updated as things happen, through a [`ProfileMetrics`] handle per
+//! profile; the gauges that describe a held token (expiry, readiness, next
+//! refresh) are read from the stores at scrape time, so they are never
+//! stale. Routes are the matched route templates; never a token, a key or a
+//! raw path.
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::prometheus_text;
@@ -18,12 +23,16 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use crate::cache::refresher::RefreshObserver;
 use crate::cache::source::Category;
 use crate::cache::store::TokenStore;
-use crate::clock::unix_secs;
+use crate::clock::{WallClock, unix_secs};
 
 /// `Content-Type` of the exposition (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// The route label of a request no route matched.
+pub const UNMATCHED: &str = "unmatched";
 
 /// Upstream latency buckets: 5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -32,30 +41,42 @@ const LATENCY_BUCKETS: [f64; 12] = [
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: &'static str,
+    profile: String,
+    route: String,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefreshLabels {
+    profile: String,
     result: &'static str,
     category: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RouteLabel {
-    route: &'static str,
+struct RouteLabels {
+    profile: String,
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
+struct OutcomeLabels {
+    profile: String,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileLabel {
+    profile: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily = Family<ProfileLabel, Histogram, fn() -> Histogram>;
 
 /// How a forced refresh (`POST /token/refresh`) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +87,18 @@ pub enum ForcedOutcome {
     Fetched,
     /// No token could be had.
     Failed,
+}
+
+impl ForcedOutcome {
+    const ALL: [Self; 3] = [Self::Reused, Self::Fetched, Self::Failed];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Reused => "reused",
+            Self::Fetched => "fetched",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// How a `min_ttl` request that needed a fresher token ended.
@@ -79,35 +112,40 @@ pub enum MinTtlOutcome {
     Unavailable,
 }
 
-/// The route label for a request path: one of the known routes, or
-/// `unmatched`, so arbitrary paths never become label values.
-pub fn route_label(path: &str) -> &'static str {
-    match path {
-        "/token" => "/token",
-        "/token/refresh" => "/token/refresh",
-        "/healthz" => "/healthz",
-        "/readyz" => "/readyz",
-        "/metrics" => "/metrics",
-        _ => "unmatched",
+impl MinTtlOutcome {
+    const ALL: [Self; 3] = [Self::Served, Self::Unsatisfiable, Self::Unavailable];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Served => "served",
+            Self::Unsatisfiable => "unsatisfiable",
+            Self::Unavailable => "unavailable",
+        }
     }
+}
+
+/// The metric families, shared by every profile's handle.
+struct Families {
+    token_requests: Family<RequestLabels, Counter>,
+    waited: Family<RouteLabels, Counter>,
+    forced: Family<OutcomeLabels, Counter>,
+    min_ttl_refreshes: Family<OutcomeLabels, Counter>,
+    refresh: Family<RefreshLabels, Counter>,
+    upstream_duration: HistogramFamily,
+    in_flight: Family<ProfileLabel, Gauge>,
+    budget_exhausted: Family<ProfileLabel, Counter>,
+    consecutive_failures: Family<ProfileLabel, Gauge>,
+    token_expiry: Family<ProfileLabel, Gauge>,
+    ready: Family<ProfileLabel, Gauge>,
+    last_success: Family<ProfileLabel, FloatGauge>,
+    next_refresh: Family<ProfileLabel, FloatGauge>,
 }
 
 /// Every metric the sidecar exports.
 pub struct Metrics {
     registry: Registry,
-    token_requests: Family<RequestLabels, Counter>,
-    waited: Family<RouteLabel, Counter>,
-    forced: Family<OutcomeLabel, Counter>,
-    min_ttl_refreshes: Family<OutcomeLabel, Counter>,
-    refresh: Family<RefreshLabels, Counter>,
-    upstream_duration: Histogram,
-    in_flight: Gauge,
-    budget_exhausted: Counter,
-    consecutive_failures: Gauge,
-    token_expiry: Gauge,
-    ready: Gauge,
-    last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
-    next_refresh: Gauge<f64, std::sync::atomic::AtomicU64>,
+    families: Arc<Families>,
+    clock: Arc<dyn WallClock>,
 }
 
 impl fmt::Debug for Metrics {
@@ -118,91 +156,95 @@ impl fmt::Debug for Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(Arc::new(crate::clock::SystemClock))
     }
 }
 
 impl Metrics {
-    /// Registers every metric under the `klavi_sidecar` prefix.
-    pub fn new() -> Self {
+    /// Registers every metric under the `klavi_sidecar` prefix; `clock`
+    /// turns monotonic instants into the unix times the gauges report.
+    pub fn new(clock: Arc<dyn WallClock>) -> Self {
         let mut registry = Registry::with_prefix("klavi_sidecar");
-        let token_requests = Family::<RequestLabels, Counter>::default();
+        let families = Families {
+            token_requests: Family::default(),
+            waited: Family::default(),
+            forced: Family::default(),
+            min_ttl_refreshes: Family::default(),
+            refresh: Family::default(),
+            upstream_duration: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
+            in_flight: Family::default(),
+            budget_exhausted: Family::default(),
+            consecutive_failures: Family::default(),
+            token_expiry: Family::default(),
+            ready: Family::default(),
+            last_success: Family::default(),
+            next_refresh: Family::default(),
+        };
+        let f = &families;
         registry.register(
             "token_requests",
-            "HTTP requests answered, by matched route (or \"unmatched\") and status code, on both listeners",
-            token_requests.clone(),
+            "HTTP requests answered, by profile (\"\" when none), matched route (or \"unmatched\") and status code, on both listeners",
+            f.token_requests.clone(),
         );
-        let waited = Family::<RouteLabel, Counter>::default();
         registry.register(
             "token_requests_waited",
             "Token requests that could not be answered from the held token and waited for the refresh task",
-            waited.clone(),
+            f.waited.clone(),
         );
-        let forced = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "forced_refreshes",
             "POST /token/refresh requests by outcome: reused (within min_interval_secs, no call), fetched, failed",
-            forced.clone(),
+            f.forced.clone(),
         );
-        let min_ttl_refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "min_ttl_refreshes",
             "GET /token?min_ttl requests that needed a fresher token, by outcome: served, unsatisfiable (422), unavailable (503)",
-            min_ttl_refreshes.clone(),
+            f.min_ttl_refreshes.clone(),
         );
-        let refresh = Family::<RefreshLabels, Counter>::default();
         registry.register(
             "refresh",
             "Attempts to fetch a token from Klavi, by result (success, failure) and error category (none on success)",
-            refresh.clone(),
+            f.refresh.clone(),
         );
-        let upstream_duration = Histogram::new(LATENCY_BUCKETS);
         registry.register(
             "upstream_request_duration_seconds",
             "Duration of auth requests to Klavi, successful or not",
-            upstream_duration.clone(),
+            f.upstream_duration.clone(),
         );
-        let in_flight = Gauge::default();
         registry.register(
             "upstream_requests_in_flight",
-            "Auth requests to Klavi in flight (never more than 1)",
-            in_flight.clone(),
+            "Auth requests to Klavi in flight (never more than 1 per profile)",
+            f.in_flight.clone(),
         );
-        let budget_exhausted = Counter::default();
         registry.register(
             "auth_budget_exhausted",
             "Times the auth budget (refresh.max_auth_per_minute) held a wanted request to Klavi back",
-            budget_exhausted.clone(),
+            f.budget_exhausted.clone(),
         );
-        let consecutive_failures = Gauge::default();
         registry.register(
             "refresh_consecutive_failures",
             "Failed attempts since the last successful fetch",
-            consecutive_failures.clone(),
+            f.consecutive_failures.clone(),
         );
-        let token_expiry = Gauge::default();
         registry.register(
             "token_expiry_timestamp_seconds",
             "Expiry of the held token, unix seconds (the expireAt served); 0 before the first token",
-            token_expiry.clone(),
+            f.token_expiry.clone(),
         );
-        let ready = Gauge::default();
         registry.register(
             "ready",
-            "1 while a servable token is held (what /readyz reports), else 0",
-            ready.clone(),
+            "1 while a servable token is held (what /readyz reports for the profile), else 0",
+            f.ready.clone(),
         );
-        let last_success = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "last_refresh_success_timestamp_seconds",
             "When the last successful fetch completed, unix seconds; 0 before the first",
-            last_success.clone(),
+            f.last_success.clone(),
         );
-        let next_refresh = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "next_refresh_timestamp_seconds",
             "When the refresh task will next call Klavi, unix seconds (a fetch in flight: now)",
-            next_refresh.clone(),
+            f.next_refresh.clone(),
         );
         let build_info = Family::<VersionLabel, Gauge>::default();
         registry.register(
@@ -215,128 +257,79 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION"),
             })
             .set(1);
-        // Series that alerts and dashboards rely on exist from the start, at
-        // zero, so the first failure shows as an increase.
-        let _ = refresh.get_or_create_owned(&RefreshLabels {
+        Self {
+            registry,
+            families: Arc::new(families),
+            clock,
+        }
+    }
+
+    /// The handle of profile `name`, with every series that alerts and
+    /// dashboards rely on created at zero, so the first failure shows as an
+    /// increase.
+    pub fn profile(&self, name: &str) -> ProfileMetrics {
+        let f = &self.families;
+        let profile = name.to_string();
+        let of = || ProfileLabel {
+            profile: profile.clone(),
+        };
+        let _ = f.refresh.get_or_create(&RefreshLabels {
+            profile: profile.clone(),
             result: "success",
             category: "none",
         });
         for category in Category::UPSTREAM {
-            let _ = refresh.get_or_create_owned(&RefreshLabels {
+            let _ = f.refresh.get_or_create(&RefreshLabels {
+                profile: profile.clone(),
                 result: "failure",
                 category: category.as_str(),
             });
         }
-        for outcome in ["reused", "fetched", "failed"] {
-            let _ = forced.get_or_create_owned(&OutcomeLabel { outcome });
+        for outcome in ForcedOutcome::ALL {
+            let _ = f.forced.get_or_create(&OutcomeLabels {
+                profile: profile.clone(),
+                outcome: outcome.label(),
+            });
         }
-        for outcome in ["served", "unsatisfiable", "unavailable"] {
-            let _ = min_ttl_refreshes.get_or_create_owned(&OutcomeLabel { outcome });
+        for outcome in MinTtlOutcome::ALL {
+            let _ = f.min_ttl_refreshes.get_or_create(&OutcomeLabels {
+                profile: profile.clone(),
+                outcome: outcome.label(),
+            });
         }
-        let _ = waited.get_or_create_owned(&RouteLabel { route: "/token" });
-        Self {
-            registry,
-            token_requests,
-            waited,
-            forced,
-            min_ttl_refreshes,
-            refresh,
-            upstream_duration,
-            in_flight,
-            budget_exhausted,
-            consecutive_failures,
-            token_expiry,
-            ready,
-            last_success,
-            next_refresh,
+        let _ = f.upstream_duration.get_or_create(&of());
+        let _ = f.budget_exhausted.get_or_create(&of());
+        let _ = f.in_flight.get_or_create(&of());
+        let _ = f.consecutive_failures.get_or_create(&of());
+        let _ = f.ready.get_or_create(&of());
+        let _ = f.token_expiry.get_or_create(&of());
+        ProfileMetrics {
+            profile,
+            families: Arc::clone(&self.families),
         }
     }
 
-    /// The counter of `GET /token` answered 200, for the hot path (no
-    /// label lookup per request).
-    pub fn token_ok_counter(&self) -> Counter {
-        self.token_requests
+    /// Counts an answered request that belongs to no profile (probes,
+    /// metrics, unknown paths and profiles).
+    pub fn request(&self, route: &str, status: u16) {
+        self.families
+            .token_requests
             .get_or_create(&RequestLabels {
-                route: "/token",
-                status: 200,
+                profile: String::new(),
+                route: route.to_string(),
+                status,
             })
-            .clone()
-    }
-
-    /// Counts an answered request.
-    pub fn request(&self, route: &'static str, status: u16) {
-        self.token_requests
-            .get_or_create(&RequestLabels { route, status })
             .inc();
     }
 
-    /// Counts a token request that had to wait for the refresh task.
-    pub fn waited(&self, route: &'static str) {
-        self.waited.get_or_create(&RouteLabel { route }).inc();
-    }
-
-    /// Counts a forced refresh.
-    pub fn forced(&self, outcome: ForcedOutcome) {
-        let outcome = match outcome {
-            ForcedOutcome::Reused => "reused",
-            ForcedOutcome::Fetched => "fetched",
-            ForcedOutcome::Failed => "failed",
-        };
-        self.forced.get_or_create(&OutcomeLabel { outcome }).inc();
-    }
-
-    /// Counts a `min_ttl` request that needed a fresher token.
-    pub fn min_ttl_refresh(&self, outcome: MinTtlOutcome) {
-        let outcome = match outcome {
-            MinTtlOutcome::Served => "served",
-            MinTtlOutcome::Unsatisfiable => "unsatisfiable",
-            MinTtlOutcome::Unavailable => "unavailable",
-        };
-        self.min_ttl_refreshes
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
-    }
-
-    /// The auth budget starts holding a wanted fetch back.
-    pub fn auth_budget_exhausted(&self) {
-        self.budget_exhausted.inc();
-    }
-
-    /// A request to Klavi starts.
-    pub fn upstream_started(&self) {
-        self.in_flight.set(1);
-    }
-
-    /// A request to Klavi ended after `duration`; `failure` is its
-    /// category if it failed; `consecutive_failures` counts failures since
-    /// the last success.
-    pub fn upstream_finished(
+    /// The exposition, with each profile's token gauges read from its store
+    /// now.
+    pub fn encode<'a>(
         &self,
-        duration: Duration,
-        failure: Option<Category>,
-        consecutive_failures: u32,
-    ) {
-        self.in_flight.set(0);
-        self.upstream_duration.observe(duration.as_secs_f64());
-        let labels = match failure {
-            None => RefreshLabels {
-                result: "success",
-                category: "none",
-            },
-            Some(category) => RefreshLabels {
-                result: "failure",
-                category: category.as_str(),
-            },
-        };
-        self.refresh.get_or_create(&labels).inc();
-        self.consecutive_failures
-            .set(i64::from(consecutive_failures));
-    }
-
-    /// The exposition, with the token gauges read from `store` now.
-    pub fn encode(&self, store: &TokenStore) -> String {
+        stores: impl IntoIterator<Item = (&'a str, &'a TokenStore)>,
+    ) -> String {
         let now = Instant::now();
-        let now_unix = unix_secs(SystemTime::now());
+        let now_unix = unix_secs(self.clock.now());
         let to_unix = |at: Instant| {
             if at >= now {
                 now_unix + (at - now).as_secs_f64()
@@ -344,29 +337,116 @@ impl Metrics {
                 now_unix - (now - at).as_secs_f64()
             }
         };
-        let token = store.current();
-        self.token_expiry
-            .set(token.as_ref().map_or(0, |t| t.expire_at_unix()));
-        self.ready.set(i64::from(store.servable(now).is_some()));
-        let state = store.state();
-        self.last_success
-            .set(state.last_success_at.map_or(0.0, to_unix));
-        let next = if state.fetching {
-            Some(now_unix)
-        } else {
-            state.next_attempt_at.map(to_unix)
-        };
-        self.next_refresh.set(next.unwrap_or(0.0));
-        let mut text = String::with_capacity(4096);
+        let f = &self.families;
+        for (name, store) in stores {
+            let label = ProfileLabel {
+                profile: name.to_string(),
+            };
+            let token = store.current();
+            f.token_expiry
+                .get_or_create(&label)
+                .set(token.as_ref().map_or(0, |t| t.expire_at_unix()));
+            f.ready
+                .get_or_create(&label)
+                .set(i64::from(store.servable(now).is_some()));
+            let state = store.state();
+            f.last_success
+                .get_or_create(&label)
+                .set(state.last_success_at.map_or(0.0, to_unix));
+            let next = if state.fetching {
+                Some(now_unix)
+            } else {
+                state.next_attempt_at.map(to_unix)
+            };
+            f.next_refresh
+                .get_or_create(&label)
+                .set(next.unwrap_or(0.0));
+        }
+        let mut text = String::with_capacity(8192);
         // Writing to a String cannot fail.
         let _ = prometheus_text::encode(&mut text, &self.registry);
         text
     }
 }
 
-impl crate::cache::refresher::RefreshObserver for Metrics {
+/// One profile's metrics: cheap to clone, one per consumer.
+#[derive(Clone)]
+pub struct ProfileMetrics {
+    profile: String,
+    families: Arc<Families>,
+}
+
+impl fmt::Debug for ProfileMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProfileMetrics")
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProfileMetrics {
+    fn label(&self) -> ProfileLabel {
+        ProfileLabel {
+            profile: self.profile.clone(),
+        }
+    }
+
+    /// The counter of requests on `route` answered `status`, to keep and
+    /// increment without a label lookup (the `GET /token` hot path).
+    pub fn requests_counter(&self, route: &str, status: u16) -> Counter {
+        self.families
+            .token_requests
+            .get_or_create(&RequestLabels {
+                profile: self.profile.clone(),
+                route: route.to_string(),
+                status,
+            })
+            .clone()
+    }
+
+    /// Counts an answered request on `route`.
+    pub fn request(&self, route: &str, status: u16) {
+        self.requests_counter(route, status).inc();
+    }
+
+    /// Counts a token request on `route` that had to wait for the refresh
+    /// task.
+    pub fn waited(&self, route: &str) {
+        self.families
+            .waited
+            .get_or_create(&RouteLabels {
+                profile: self.profile.clone(),
+                route: route.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a forced refresh.
+    pub fn forced(&self, outcome: ForcedOutcome) {
+        self.families
+            .forced
+            .get_or_create(&OutcomeLabels {
+                profile: self.profile.clone(),
+                outcome: outcome.label(),
+            })
+            .inc();
+    }
+
+    /// Counts a `min_ttl` request that needed a fresher token.
+    pub fn min_ttl_refresh(&self, outcome: MinTtlOutcome) {
+        self.families
+            .min_ttl_refreshes
+            .get_or_create(&OutcomeLabels {
+                profile: self.profile.clone(),
+                outcome: outcome.label(),
+            })
+            .inc();
+    }
+}
+
+impl RefreshObserver for ProfileMetrics {
     fn attempt_started(&self) {
-        self.upstream_started();
+        self.families.in_flight.get_or_create(&self.label()).set(1);
     }
 
     fn attempt_finished(
@@ -375,11 +455,33 @@ impl crate::cache::refresher::RefreshObserver for Metrics {
         failure: Option<Category>,
         consecutive_failures: u32,
     ) {
-        self.upstream_finished(duration, failure, consecutive_failures);
+        let f = &self.families;
+        let label = self.label();
+        f.in_flight.get_or_create(&label).set(0);
+        f.upstream_duration
+            .get_or_create(&label)
+            .observe(duration.as_secs_f64());
+        let (result, category) = match failure {
+            None => ("success", "none"),
+            Some(category) => ("failure", category.as_str()),
+        };
+        f.refresh
+            .get_or_create(&RefreshLabels {
+                profile: self.profile.clone(),
+                result,
+                category,
+            })
+            .inc();
+        f.consecutive_failures
+            .get_or_create(&label)
+            .set(i64::from(consecutive_failures));
     }
 
     fn budget_exhausted(&self) {
-        self.auth_budget_exhausted();
+        self.families
+            .budget_exhausted
+            .get_or_create(&self.label())
+            .inc();
     }
 }
 
@@ -388,18 +490,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn route_labels_are_a_fixed_set() {
-        for (path, label) in [
-            ("/token", "/token"),
-            ("/token/refresh", "/token/refresh"),
-            ("/healthz", "/healthz"),
-            ("/readyz", "/readyz"),
-            ("/metrics", "/metrics"),
-            ("/token/", "unmatched"),
-            ("/eyJhbGciOiJIUzI1NiJ9", "unmatched"),
-            ("", "unmatched"),
-        ] {
-            assert_eq!(route_label(path), label);
+    fn every_profile_has_its_alerting_series_at_zero_and_its_own_counts() {
+        let metrics = Metrics::default();
+        let a = metrics.profile("a");
+        let b = metrics.profile("b");
+        a.attempt_finished(Duration::from_millis(5), Some(Category::RateLimited), 1);
+        b.budget_exhausted();
+        let text = metrics.encode([]);
+        for profile in ["a", "b"] {
+            for category in Category::UPSTREAM {
+                let series = format!(
+                    "klavi_sidecar_refresh_total{{profile=\"{profile}\",result=\"failure\",category=\"{}\"}}",
+                    category.as_str()
+                );
+                assert!(text.contains(&series), "{series} missing");
+            }
+            assert!(text.contains(&format!(
+                "klavi_sidecar_auth_budget_exhausted_total{{profile=\"{profile}\"}}"
+            )));
         }
+        assert!(text.contains(
+            "klavi_sidecar_refresh_total{profile=\"a\",result=\"failure\",category=\"rate_limited\"} 1"
+        ));
+        assert!(text.contains(
+            "klavi_sidecar_refresh_total{profile=\"b\",result=\"failure\",category=\"rate_limited\"} 0"
+        ));
+        assert!(text.contains("klavi_sidecar_auth_budget_exhausted_total{profile=\"b\"} 1"));
+        assert!(text.contains("klavi_sidecar_auth_budget_exhausted_total{profile=\"a\"} 0"));
     }
 }

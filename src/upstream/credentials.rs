@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ranges::KeyNames;
 use crate::config::{ConfigError, KeySource, KlaviConfig, read_key_file};
 use crate::secret::Secret;
 
@@ -39,15 +40,58 @@ struct FileRead {
     failing: Option<String>,
 }
 
+/// What one read of a key file changed: what to log, once per change of
+/// state rather than once per read (the watcher reads every second).
+#[derive(Debug, PartialEq)]
+struct Seen {
+    /// The key to use: the one read, or the last good one.
+    secret: Secret,
+    /// The value differs from the last good one.
+    changed: bool,
+    /// Reading started failing, or fails differently: why.
+    started_failing: Option<String>,
+    /// Reading works again after failing.
+    recovered: bool,
+}
+
+impl FileRead {
+    fn apply(&mut self, result: Result<Secret, String>) -> Seen {
+        match result {
+            Ok(secret) => {
+                let recovered = self.failing.take().is_some();
+                let changed = self.last_good != secret;
+                if changed {
+                    self.last_good = secret.clone();
+                }
+                Seen {
+                    secret,
+                    changed,
+                    started_failing: None,
+                    recovered,
+                }
+            }
+            Err(message) => {
+                let started_failing =
+                    (self.failing.as_ref() != Some(&message)).then(|| message.clone());
+                self.failing = Some(message);
+                Seen {
+                    secret: self.last_good.clone(),
+                    changed: false,
+                    started_failing,
+                    recovered: false,
+                }
+            }
+        }
+    }
+}
+
 impl Key {
     fn load(source: &KeySource, key: &str) -> Result<Self, ConfigError> {
         Ok(match source {
             KeySource::Inline(secret) => Self::Inline(secret.clone()),
             KeySource::File(path) => {
-                let secret = read_key_file(path).map_err(|message| ConfigError {
-                    key: format!("{key}_file"),
-                    message,
-                })?;
+                let secret = read_key_file(path)
+                    .map_err(|message| ConfigError::new(format!("{key}_file"), message))?;
                 Self::File {
                     path: path.clone(),
                     read: Mutex::new(FileRead {
@@ -66,30 +110,23 @@ impl Key {
             Self::Inline(secret) => (secret.clone(), false),
             Self::File { path, read } => {
                 let result = read_async(path).await;
-                let mut state = read.lock().unwrap_or_else(PoisonError::into_inner);
-                match result {
-                    Ok(secret) => {
-                        if state.failing.take().is_some() {
-                            tracing::info!(path = %path.display(), "key file readable again");
-                        }
-                        let changed = state.last_good != secret;
-                        if changed {
-                            tracing::info!(path = %path.display(), "key file changed");
-                            state.last_good = secret.clone();
-                        }
-                        (secret, changed)
-                    }
-                    Err(message) => {
-                        if state.failing.as_ref() != Some(&message) {
-                            tracing::warn!(
-                                error = %message,
-                                "cannot read key file; keeping the last good key"
-                            );
-                            state.failing = Some(message);
-                        }
-                        (state.last_good.clone(), false)
-                    }
+                let seen = read
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .apply(result);
+                if let Some(error) = &seen.started_failing {
+                    tracing::warn!(
+                        error = %error,
+                        "cannot read key file; keeping the last good key"
+                    );
                 }
+                if seen.recovered {
+                    tracing::info!(path = %path.display(), "key file readable again");
+                }
+                if seen.changed {
+                    tracing::info!(path = %path.display(), "key file changed");
+                }
+                (seen.secret, seen.changed)
             }
         }
     }
@@ -114,11 +151,13 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Loads the keys as configured, reading any files once.
-    pub fn load(config: &KlaviConfig) -> Result<Self, ConfigError> {
+    /// Loads profile `profile`'s keys as configured, reading any files
+    /// once; an error names the profile's key.
+    pub fn load(profile: &str, config: &KlaviConfig) -> Result<Self, ConfigError> {
+        let names = KeyNames::of(profile);
         Ok(Self {
-            access: Key::load(&config.access_key, "klavi.access_key")?,
-            secret: Key::load(&config.secret_key, "klavi.secret_key")?,
+            access: Key::load(&config.access_key, &names.klavi("access_key"))?,
+            secret: Key::load(&config.secret_key, &names.klavi("secret_key"))?,
         })
     }
 
@@ -188,7 +227,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
         };
-        let creds = Credentials::load(&config).unwrap();
+        let creds = Credentials::load("default", &config).unwrap();
         assert_eq!(creds.current().await.0.expose(), "one");
         assert!(!creds.changed().await);
         std::fs::write(&ak, "two\n").unwrap();
@@ -203,73 +242,54 @@ mod tests {
         assert_eq!(creds.current().await.1.expose(), "secret");
     }
 
-    /// Captures what is logged on this thread.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Captured {
-        fn count(&self, needle: &str) -> usize {
-            String::from_utf8_lossy(&self.0.lock().unwrap())
-                .matches(needle)
-                .count()
-        }
-    }
-
     /// Defect: an unreadable key file logged a WARN every second, forever
     /// (the watcher reads it once a second). Now once per change of state.
-    #[tokio::test]
-    async fn an_unreadable_key_file_is_logged_once_per_change_of_state() {
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-
-        let dir = tempfile::tempdir().unwrap();
-        let ak = dir.path().join("ak");
-        std::fs::write(&ak, "one").unwrap();
-        let config = KlaviConfig {
-            auth_url: url::Url::parse("http://127.0.0.1:1/auth").unwrap(),
-            access_key: KeySource::File(ak.clone()),
-            secret_key: KeySource::Inline(Secret::new("s")),
-            connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(1),
+    #[test]
+    fn an_unreadable_key_file_is_reported_once_per_change_of_state() {
+        let mut read = FileRead {
+            last_good: Secret::new("one"),
+            failing: None,
         };
-        let creds = Credentials::load(&config).unwrap();
-        let warn = "cannot read key file";
-        std::fs::remove_file(&ak).unwrap();
-        for _ in 0..10 {
-            assert_eq!(creds.current().await.0.expose(), "one");
+        let missing = || Err("cannot read /k: No such file".to_string());
+        let empty = || Err("/k is empty".to_string());
+        let ok = |v: &str| Ok(Secret::new(v));
+        // (read result, key used, changed, starts failing with, recovered)
+        let steps: Vec<(Result<Secret, String>, &str, bool, Option<&str>, bool)> = vec![
+            (ok("one"), "one", false, None, false),
+            (
+                missing(),
+                "one",
+                false,
+                Some("cannot read /k: No such file"),
+                false,
+            ),
+            (missing(), "one", false, None, false),
+            (missing(), "one", false, None, false),
+            (empty(), "one", false, Some("/k is empty"), false),
+            (empty(), "one", false, None, false),
+            (ok("two"), "two", true, None, true),
+            (ok("two"), "two", false, None, false),
+            (
+                missing(),
+                "two",
+                false,
+                Some("cannot read /k: No such file"),
+                false,
+            ),
+            (ok("two"), "two", false, None, true),
+        ];
+        for (i, (result, key, changed, failing, recovered)) in steps.into_iter().enumerate() {
+            let seen = read.apply(result);
+            assert_eq!(
+                seen,
+                Seen {
+                    secret: Secret::new(key),
+                    changed,
+                    started_failing: failing.map(str::to_string),
+                    recovered,
+                },
+                "step {i}"
+            );
         }
-        assert_eq!(logs.count(warn), 1, "once while it stays missing");
-        // A different failure is a change of state.
-        std::fs::write(&ak, "\n").unwrap();
-        for _ in 0..5 {
-            creds.current().await;
-        }
-        assert_eq!(logs.count(warn), 2);
-        // Readable again: said once, and the next failure is new.
-        std::fs::write(&ak, "two").unwrap();
-        for _ in 0..5 {
-            assert_eq!(creds.current().await.0.expose(), "two");
-        }
-        assert_eq!(logs.count("key file readable again"), 1);
-        std::fs::remove_file(&ak).unwrap();
-        for _ in 0..5 {
-            creds.current().await;
-        }
-        assert_eq!(logs.count(warn), 3);
     }
 }

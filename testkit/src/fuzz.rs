@@ -21,7 +21,8 @@ pub fn auth_response(data: &[u8]) {
     let elapsed = Duration::from_millis(u64::from(word(4) % 120_000));
     // A Date header anywhere within a day of sending, or none.
     let skew = i64::from(word(8) % 172_800) - 86_400;
-    let date_header = (word(8) % 3 != 0).then(|| klavi_token_sidecar::clock::shift(sent, skew as f64));
+    let date_header =
+        (word(8) % 3 != 0).then(|| klavi_token_sidecar::clock::shift(sent, skew as f64));
     let timing = Timing {
         sent,
         received: sent + elapsed,
@@ -66,13 +67,21 @@ pub fn configuration(data: &[u8]) {
     };
     raw.klavi.access_key_file = None;
     raw.klavi.secret_key_file = None;
+    for profile in raw.profiles.values_mut() {
+        profile.access_key_file = None;
+        profile.secret_key_file = None;
+    }
     if let Ok(config) = Config::validate(raw) {
         // A valid configuration renders, and nothing secret shows.
         let rendered = config.to_redacted_toml();
-        if let klavi_token_sidecar::config::KeySource::Inline(secret) = &config.klavi.secret_key {
-            let value = secret.expose();
-            if value.len() >= 8 && !"[REDACTED]".contains(value) {
-                assert!(!rendered.contains(value), "secret rendered");
+        for profile in &config.profiles {
+            for key in [&profile.klavi.access_key, &profile.klavi.secret_key] {
+                if let klavi_token_sidecar::config::KeySource::Inline(secret) = key {
+                    let value = secret.expose();
+                    if value.len() >= 8 && !"[REDACTED]".contains(value) {
+                        assert!(!rendered.contains(value), "secret rendered");
+                    }
+                }
             }
         }
     }

@@ -483,8 +483,14 @@ impl Sidecar {
                 &format!("127.0.0.1:{ops}"),
             ])
             .env_clear()
-            .env("KLAVI_ACCESS_KEY", klavi_token_sidecar::fake_klavi::DEMO_ACCESS_KEY)
-            .env("KLAVI_SECRET_KEY", klavi_token_sidecar::fake_klavi::DEMO_SECRET_KEY)
+            .env(
+                "KLAVI_ACCESS_KEY",
+                klavi_token_sidecar::fake_klavi::DEMO_ACCESS_KEY,
+            )
+            .env(
+                "KLAVI_SECRET_KEY",
+                klavi_token_sidecar::fake_klavi::DEMO_SECRET_KEY,
+            )
             .env("KLAVI_SIDECAR_KLAVI__BASE_URL", klavi_base_url)
             .envs(extra_env.iter().copied())
             .stdin(std::process::Stdio::null())

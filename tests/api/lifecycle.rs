@@ -23,7 +23,9 @@ async fn healthz_answers_at_once_and_readyz_follows_the_token() {
     assert_eq!(status, 503);
     assert_eq!(
         body,
-        serde_json::json!({"status": "not_ready", "reason": "no_token_yet", "lastError": null})
+        serde_json::json!({"status": "not_ready", "reason": "no_token_yet", "lastError": null,
+            "profiles": {"default": {"status": "not_ready", "reason": "no_token_yet",
+                "lastError": null, "required": true}}})
     );
     eventually(Duration::from_secs(5), "ready", || async {
         app.readyz().await.0 == 200

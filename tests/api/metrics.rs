@@ -20,8 +20,14 @@ async fn scrape(app: &TestApp) -> Scrape {
     Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
 }
 
-/// The value of the sample of `metric` with exactly these labels.
+/// The value of the sample of `metric` with exactly these labels; a
+/// per-profile metric asked for without a `profile` label means the default
+/// profile's series.
 fn sample<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<&'a Value> {
+    let mut labels = labels.to_vec();
+    if metric != "klavi_sidecar_build_info" && !labels.iter().any(|(k, _)| *k == "profile") {
+        labels.push(("profile", "default"));
+    }
     scrape
         .samples
         .iter()
@@ -239,7 +245,7 @@ async fn every_metric_exists_and_moves() {
         counter(
             &s,
             "klavi_sidecar_token_requests_total",
-            &[("route", "unmatched"), ("status", "404")]
+            &[("profile", ""), ("route", "unmatched"), ("status", "404")]
         ),
         1.0
     );

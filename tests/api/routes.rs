@@ -492,13 +492,14 @@ async fn probes_report_a_dead_refresh_task_and_an_expired_token() {
         Duration::from_secs(5),
         Duration::from_millis(100),
     ));
-    let router = ops_router(AppState::new(store.clone(), Duration::from_millis(100)));
+    let router = ops_router(AppState::single(store.clone(), Duration::from_millis(100)));
     let (status, body) = get(router.clone(), "/healthz").await;
     assert_eq!(
         (status, body),
         (
             503,
-            serde_json::json!({"status": "error", "reason": "refresh_task_stopped"})
+            serde_json::json!({"status": "error", "reason": "refresh_task_stopped",
+                "profiles": ["default"]})
         )
     );
     // A token held but within the serve margin: token_expired.
@@ -617,10 +618,9 @@ async fn a_request_over_the_time_limit_gets_408_json() {
     ));
     let stop = tokio_util::sync::CancellationToken::new();
     let task = Refresher::new(Never, store.clone(), RefreshPolicy::default()).spawn(stop.clone());
-    let router = token_router(AppState {
-        request_timeout: Duration::from_millis(50),
-        ..AppState::new(store, Duration::from_secs(5))
-    });
+    let mut state = AppState::single(store, Duration::from_secs(5));
+    state.request_timeout = Duration::from_millis(50);
+    let router = token_router(state);
     let request = http::Request::get("/token")
         .header(HEADER.0, HEADER.1)
         .body(axum::body::Body::empty())
@@ -669,7 +669,7 @@ async fn the_hot_path_answers_exactly_as_the_router_does() {
             Duration::from_secs(299),
             SystemTime::now() + Duration::from_secs(299),
         )));
-        let routed = token_router(AppState::new(store, Duration::from_secs(5)))
+        let routed = token_router(AppState::single(store, Duration::from_secs(5)))
             .oneshot(
                 http::Request::get("/token")
                     .header(HEADER.0, HEADER.1)

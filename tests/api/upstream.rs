@@ -26,8 +26,8 @@ fn client_at(base_url: &str, access: &str) -> KlaviClient {
     );
     let credentials = Credentials::inline(Secret::new(access), Secret::new("demo-secret-key"));
     KlaviClient::new(
-        &config.klavi,
-        config.refresh.fallback_ttl,
+        &config.profiles[0].klavi,
+        config.profiles[0].refresh.fallback_ttl,
         Arc::new(credentials),
         Arc::new(SystemClock),
     )

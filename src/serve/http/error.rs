@@ -34,6 +34,10 @@ pub enum ApiError {
     TokenUnavailable(Unavailable),
     /// A forced refresh failed.
     UpstreamError(Unavailable),
+    /// `/profiles/{name}/…` for a profile not configured.
+    UnknownProfile,
+    /// `/token…` while `[klavi]` has no keys (no default profile).
+    NoDefaultProfile,
     /// No such route.
     NotFound,
     /// Route exists, method does not; the `Allow` header is kept.
@@ -102,7 +106,7 @@ impl ApiError {
             Self::MinTtlUnsatisfiable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamError(_) => StatusCode::BAD_GATEWAY,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::UnknownProfile | Self::NoDefaultProfile => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -158,6 +162,15 @@ impl ApiError {
                 last_error: Some(u.last_error),
                 max_ttl: None,
             },
+            Self::UnknownProfile => plain(
+                "unknown_profile",
+                "no profile of that name is configured; /readyz lists the profiles",
+            ),
+            Self::NoDefaultProfile => plain(
+                "unknown_profile",
+                "there is no default profile ([klavi] has no keys); use \
+                 /profiles/{name}/token with a configured profile (/readyz lists them)",
+            ),
             Self::NotFound => plain(
                 "not_found",
                 "no such route; the API is described in openapi.yaml",
@@ -254,6 +267,8 @@ mod tests {
                 Some("3"),
             ),
             (ApiError::NotFound, 404, "not_found", None),
+            (ApiError::UnknownProfile, 404, "unknown_profile", None),
+            (ApiError::NoDefaultProfile, 404, "unknown_profile", None),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed", None),
             (ApiError::RequestTimeout, 408, "request_timeout", None),
             (ApiError::PayloadTooLarge, 413, "payload_too_large", None),

@@ -1,43 +1,99 @@
 //! The HTTP API: the token listener's and the ops listener's routes.
 //!
-//! `GET /token` reads the store without a lock and answers at once when a
+//! `GET /token` (the default profile) and `GET /profiles/{name}/token`
+//! read the profile's store without a lock and answer at once when a
 //! servable token is held; only a cold start, `min_ttl` or a forced refresh
-//! waits for the refresh task. Token routes sit behind a guard (the
-//! `Klavi-Sidecar` header, no proxied requests, a loopback or allowed
+//! waits for the profile's refresh task. Token routes sit behind a guard
+//! (the `Klavi-Sidecar` header, no proxied requests, a loopback or allowed
 //! `Host`); probes need no header.
+//!
+//! - [`token`]: the token routes' handlers;
+//! - [`probes`]: `/healthz`, `/readyz`, `/metrics`;
+//! - [`fast`]: `GET /token` answered without the router, by the same rules;
+//! - [`render`], [`accept`], [`guard`], [`error`]: bodies, content
+//!   negotiation, the guard, the error answers.
 
+mod accept;
 mod error;
+mod fast;
 mod guard;
+mod probes;
+mod render;
+mod token;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use http::{HeaderValue, StatusCode, header};
-use serde::Serialize;
-use serde_json::json;
-use tokio::time::Instant;
+use http::{StatusCode, header};
+use prometheus_client::metrics::counter::Counter;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use fast::token_fast_path;
 pub use guard::Guard;
 
-use crate::cache::source::Category;
-use crate::cache::store::{TokenStore, Unavailable, UnavailableReason};
-use crate::cache::token::Token;
-use crate::ops::metrics::{ForcedOutcome, Metrics, MinTtlOutcome, route_label};
+use crate::cache::store::TokenStore;
+use crate::config::DEFAULT_PROFILE;
+use crate::ops::metrics::{Metrics, UNMATCHED};
+use crate::profile::{Profile, Profiles};
+
+/// The default profile's token route.
+const TOKEN: &str = "/token";
+/// The default profile's forced-refresh route.
+const TOKEN_REFRESH: &str = "/token/refresh";
+/// Any profile's token route.
+const PROFILE_TOKEN: &str = "/profiles/{name}/token";
+/// Any profile's forced-refresh route.
+const PROFILE_TOKEN_REFRESH: &str = "/profiles/{name}/token/refresh";
+
+/// A profile as the token routes serve it: its bodies, rendered once per
+/// token, and the hot path's counters.
+#[derive(Debug)]
+struct Endpoint {
+    profile: Arc<Profile>,
+    bodies: render::RenderCache,
+    /// `GET /token` answered 200 (the default profile only).
+    ok_default_route: Counter,
+    /// `GET /profiles/{name}/token` answered 200.
+    ok_named_route: Counter,
+}
+
+/// Every profile's endpoint.
+#[derive(Debug, Default)]
+struct Endpoints {
+    all: Vec<Arc<Endpoint>>,
+}
+
+impl Endpoints {
+    fn get(&self, name: &str) -> Option<&Arc<Endpoint>> {
+        self.all.iter().find(|e| e.profile.name() == name)
+    }
+
+    fn default_profile(&self) -> Option<&Arc<Endpoint>> {
+        self.get(DEFAULT_PROFILE)
+    }
+
+    /// The endpoint a request's path names: the default profile's for
+    /// `/token…`, the named one for `/profiles/{name}/…`.
+    fn for_path(&self, path: &str) -> Option<&Arc<Endpoint>> {
+        match path.strip_prefix("/profiles/") {
+            Some(rest) => self.get(rest.split('/').next().unwrap_or_default()),
+            None => self.default_profile(),
+        }
+    }
+}
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The token store.
-    pub store: Arc<TokenStore>,
+    endpoints: Arc<Endpoints>,
     /// Where requests are counted.
     pub metrics: Arc<Metrics>,
     /// What token requests must satisfy.
@@ -49,43 +105,66 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State over `store` with fresh metrics, the header required and a
-    /// request timeout of `wait` plus 5 s (as the service uses).
-    pub fn new(store: Arc<TokenStore>, wait: Duration) -> Self {
+    /// State over `profiles`, counting into `metrics`, with the header
+    /// required and no extra allowed hosts, a request timeout of `wait`
+    /// plus 5 s and small bodies: adjust the public fields as configured.
+    pub fn new(profiles: &Profiles, metrics: Arc<Metrics>, wait: Duration) -> Self {
+        let all = profiles
+            .iter()
+            .map(|profile| {
+                Arc::new(Endpoint {
+                    ok_default_route: profile.metrics().requests_counter(TOKEN, 200),
+                    ok_named_route: profile.metrics().requests_counter(PROFILE_TOKEN, 200),
+                    profile: Arc::clone(profile),
+                    bodies: render::RenderCache::default(),
+                })
+            })
+            .collect();
         Self {
-            store,
-            metrics: Arc::new(Metrics::new()),
+            endpoints: Arc::new(Endpoints { all }),
+            metrics,
             guard: Guard::default(),
             request_timeout: wait + Duration::from_secs(5),
             max_body_bytes: 1024,
         }
     }
+
+    /// One default profile over `store` (for tests and benchmarks).
+    pub fn single(store: Arc<TokenStore>, wait: Duration) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let profile = Profile::new(
+            DEFAULT_PROFILE,
+            store,
+            metrics.profile(DEFAULT_PROFILE),
+            true,
+        );
+        Self::new(&Profiles::new(vec![Arc::new(profile)]), metrics, wait)
+    }
 }
 
-/// The token listener: `/token`, `/token/refresh` and the probes.
+/// The token listener: every profile's token routes and the probes.
 pub fn token_router(state: AppState) -> Router {
     let token_routes = Router::new()
-        .route("/token", get(get_token))
-        .route("/token/refresh", post(refresh_token))
+        .route(TOKEN, get(token::get_default))
+        .route(TOKEN_REFRESH, post(token::refresh_default))
+        .route(PROFILE_TOKEN, get(token::get_named))
+        .route(PROFILE_TOKEN_REFRESH, post(token::refresh_named))
         .route_layer(middleware::from_fn_with_state(
             state.guard.clone(),
             guard::token_route_guard,
         ));
     finish(
-        Router::new().merge(token_routes).merge(probe_routes()),
+        Router::new().merge(token_routes).merge(probes::routes()),
         state,
     )
 }
 
-/// The ops listener: probes and metrics. Never the token.
+/// The ops listener: probes and metrics. Never a token.
 pub fn ops_router(state: AppState) -> Router {
-    finish(probe_routes().route("/metrics", get(metrics)), state)
-}
-
-fn probe_routes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    finish(
+        probes::routes().route("/metrics", get(probes::metrics)),
+        state,
+    )
 }
 
 /// The layers every route shares, innermost first: the body limit (413),
@@ -100,27 +179,16 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
             state.request_timeout,
         ))
         .layer(middleware::map_response(fill_bare_errors))
-        .layer(middleware::from_fn_with_state(
-            Arc::clone(&state.metrics),
-            count_request,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request| {
-                    tracing::debug_span!(
-                        "request",
-                        method = %request.method(),
-                        route = route_label(request.uri().path()),
-                    )
+                    request_span(request.method(), route_of(request))
                 })
                 .on_request(())
                 .on_response(
                     |response: &Response, latency: Duration, _span: &tracing::Span| {
-                        tracing::debug!(
-                            status = response.status().as_u16(),
-                            latency_us = latency.as_micros() as u64,
-                            "request finished"
-                        );
+                        request_finished(response.status().as_u16(), latency);
                     },
                 )
                 .on_eos(())
@@ -129,50 +197,45 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The `GET /token` hot path, answered without the router: a plain
-/// request (no query, no body, the header present, not proxied) while a
-/// servable token is held gets the token, the same headers and the same
-/// metrics and trace event as through the router. Anything else (an error
-/// to report, `min_ttl`, no servable token) goes through the router.
-pub fn token_fast_path(state: AppState) -> crate::serve::server::FastPath {
-    let ok = state.metrics.token_ok_counter();
-    Arc::new(move |request| {
-        if request.method() != http::Method::GET
-            || request.uri().path() != "/token"
-            || request.uri().query().is_some()
-        {
-            return None;
-        }
-        let headers = request.headers();
-        if !state.guard.passes(request.uri(), headers)
-            || headers.contains_key(header::TRANSFER_ENCODING)
-            || headers
-                .get(header::CONTENT_LENGTH)
-                .is_some_and(|length| length.as_bytes() != b"0")
-        {
-            return None;
-        }
-        let now = Instant::now();
-        let token = state.store.servable(now)?;
-        let response = token_response(&token, now, wants_plain_text(headers));
-        ok.inc();
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let span = tracing::debug_span!("request", method = "GET", route = "/token");
-            let _entered = span.enter();
-            tracing::debug!(status = 200u16, latency_us = 0u64, "request finished");
-        }
-        Some(response)
-    })
+/// The route a request matched (its template), or `unmatched`: never the
+/// raw path, which could be anything.
+fn route_of(request: &Request) -> &str {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED, MatchedPath::as_str)
 }
 
-async fn count_request(
-    State(metrics): State<Arc<Metrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let route = route_label(request.uri().path());
+/// The span of one request, on both paths (router and hot path).
+fn request_span(method: &http::Method, route: &str) -> tracing::Span {
+    tracing::debug_span!("request", method = %method, route = route)
+}
+
+/// The event that ends one request, on both paths.
+fn request_finished(status: u16, latency: Duration) {
+    tracing::debug!(
+        status,
+        latency_us = latency.as_micros() as u64,
+        "request finished"
+    );
+}
+
+/// Counts every answer under its profile (only configured ones: a request
+/// for an unknown profile counts under none), route and status.
+async fn count_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = route_of(&request).to_string();
+    let is_token_route = route.starts_with(TOKEN) || route.starts_with("/profiles/");
+    let endpoint = if is_token_route {
+        state.endpoints.for_path(request.uri().path()).cloned()
+    } else {
+        None
+    };
     let response = next.run(request).await;
-    metrics.request(route, response.status().as_u16());
+    let status = response.status().as_u16();
+    match endpoint {
+        Some(endpoint) => endpoint.profile.metrics().request(&route, status),
+        None => state.metrics.request(&route, status),
+    }
     response
 }
 
@@ -194,332 +257,4 @@ async fn fill_bare_errors(response: Response) -> Response {
     let (new_parts, body) = replacement.into_response().into_parts();
     parts.headers.extend(new_parts.headers);
     Response::from_parts(parts, body)
-}
-
-/// Whether the client asked for the bare token: `Accept` gives `text/plain`
-/// a higher q-value than `application/json`, or the same one listed first.
-///
-/// Each type takes the q of the most specific range that matches it
-/// (`text/plain` over `text/*` over `*/*`, RFC 9110 §12.5.1); JSON is the
-/// default when nothing is said, when both are refused, and on a tie from
-/// the same range (`*/*`).
-fn wants_plain_text(headers: &http::HeaderMap) -> bool {
-    let mut plain = Preference::default();
-    let mut json = Preference::default();
-    let ranges = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','));
-    for (index, range) in ranges.enumerate() {
-        let mut parts = range.split(';');
-        let media = parts.next().unwrap_or("").trim();
-        let Some((kind, subtype)) = media.split_once('/') else {
-            continue;
-        };
-        let mut q = 1.0;
-        for param in parts {
-            if let Some((name, value)) = param.split_once('=')
-                && name.trim().eq_ignore_ascii_case("q")
-            {
-                q = value.trim().parse::<f32>().unwrap_or(-1.0);
-            }
-        }
-        if !(0.0..=1.0).contains(&q) {
-            continue; // an unreadable q: the range is ignored
-        }
-        plain.offer(kind, subtype, "text", "plain", q, index);
-        json.offer(kind, subtype, "application", "json", q, index);
-    }
-    plain.q > 0.0 && (plain.q > json.q || (plain.q == json.q && plain.index < json.index))
-}
-
-/// How much an `Accept` header wants one media type: the q of its most
-/// specific matching range, and where that range stands.
-#[derive(Debug, Clone, Copy)]
-struct Preference {
-    /// 0 exact, 1 `type/*`, 2 `*/*`, 3 no match.
-    specificity: u8,
-    q: f32,
-    index: usize,
-}
-
-impl Default for Preference {
-    fn default() -> Self {
-        Self {
-            specificity: 3,
-            q: 0.0,
-            index: usize::MAX,
-        }
-    }
-}
-
-impl Preference {
-    fn offer(
-        &mut self,
-        kind: &str,
-        subtype: &str,
-        want: &str,
-        want_sub: &str,
-        q: f32,
-        index: usize,
-    ) {
-        let specificity = match (kind.trim(), subtype.trim()) {
-            (k, s) if k.eq_ignore_ascii_case(want) && s.eq_ignore_ascii_case(want_sub) => 0,
-            (k, "*") if k.eq_ignore_ascii_case(want) => 1,
-            ("*", "*") => 2,
-            _ => return,
-        };
-        if specificity < self.specificity {
-            *self = Self {
-                specificity,
-                q,
-                index,
-            };
-        }
-    }
-}
-
-/// The token as `GET /token` answers it, `Cache-Control: no-store`
-/// included (built directly: this is the hot path). `judged_at` is when it
-/// was found servable; `expiresIn` counts from then, so it never shows less
-/// than the margin that was checked.
-fn token_response(token: &Token, judged_at: Instant, plain_text: bool) -> Response {
-    let (content_type, body) = if plain_text {
-        ("text/plain; charset=utf-8", token.plain_body())
-    } else {
-        ("application/json", token.json_body(judged_at))
-    };
-    let mut headers = http::HeaderMap::with_capacity(2);
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    let mut response = Response::new(axum::body::Body::from(body));
-    *response.headers_mut() = headers;
-    response
-}
-
-/// `min_ttl` from the query string: `Ok(None)` when absent.
-fn min_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
-    let mut found = None;
-    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-        if key == "min_ttl" {
-            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ApiError::InvalidMinTtl);
-            }
-            // Beyond u64 is beyond any token's lifetime anyway.
-            let secs = value.parse::<u64>().unwrap_or(u64::MAX);
-            found = Some(Duration::from_secs(secs));
-        }
-    }
-    Ok(found)
-}
-
-async fn get_token(State(state): State<AppState>, request: Request) -> Response {
-    let min = match min_ttl(request.uri().query()) {
-        Ok(min) => min,
-        Err(error) => return error.into_response(),
-    };
-    let plain_text = wants_plain_text(request.headers());
-    let now = Instant::now();
-    // The hot path: one atomic load.
-    let held = state.store.servable(now);
-    if let Some(token) = &held
-        && min.is_none_or(|min| token.remaining(now) >= min)
-    {
-        return token_response(token, now, plain_text);
-    }
-    state.metrics.waited("/token");
-    let result = state.store.token_with(min.unwrap_or(Duration::ZERO)).await;
-    if held.is_some() {
-        // A servable token was held, so only min_ttl made this wait.
-        state.metrics.min_ttl_refresh(match &result {
-            Ok(_) => MinTtlOutcome::Served,
-            Err(u) if matches!(u.reason, UnavailableReason::MinTtlUnsatisfiable { .. }) => {
-                MinTtlOutcome::Unsatisfiable
-            }
-            Err(_) => MinTtlOutcome::Unavailable,
-        });
-    }
-    match result {
-        Ok(served) => token_response(&served, served.at, plain_text),
-        Err(Unavailable {
-            reason: UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs },
-            ..
-        }) => ApiError::MinTtlUnsatisfiable { max_ttl_secs }.into_response(),
-        Err(unavailable) => ApiError::TokenUnavailable(unavailable).into_response(),
-    }
-}
-
-async fn refresh_token(State(state): State<AppState>, request: Request) -> Response {
-    let plain_text = wants_plain_text(request.headers());
-    match state.store.force_refresh().await {
-        Ok((served, reused)) => {
-            state.metrics.forced(if reused {
-                ForcedOutcome::Reused
-            } else {
-                ForcedOutcome::Fetched
-            });
-            token_response(&served, served.at, plain_text)
-        }
-        Err(unavailable) => {
-            state.metrics.forced(ForcedOutcome::Failed);
-            ApiError::UpstreamError(unavailable).into_response()
-        }
-    }
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(crate::ops::metrics::CONTENT_TYPE),
-        )],
-        state.metrics.encode(&state.store),
-    )
-        .into_response()
-}
-
-async fn healthz(State(state): State<AppState>) -> Response {
-    if state.store.state().task_alive {
-        Json(json!({"status": "ok"})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "error", "reason": "refresh_task_stopped"})),
-        )
-            .into_response()
-    }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct NotReady {
-    status: &'static str,
-    reason: &'static str,
-    last_error: Option<Category>,
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    let now = Instant::now();
-    if let Some(token) = state.store.servable(now) {
-        return Json(json!({"status": "ready", "expiresIn": token.remaining(now).as_secs()}))
-            .into_response();
-    }
-    let reason = if state.store.current().is_some() {
-        "token_expired"
-    } else {
-        "no_token_yet"
-    };
-    let body = NotReady {
-        status: "not_ready",
-        reason,
-        last_error: state.store.state().last_error,
-    };
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn min_ttl_table() {
-        let d = |s| Ok(Some(Duration::from_secs(s)));
-        type Case = (Option<&'static str>, Result<Option<Duration>, ApiError>);
-        let cases: Vec<Case> = vec![
-            (None, Ok(None)),
-            (Some(""), Ok(None)),
-            (Some("other=1"), Ok(None)),
-            (Some("min_ttl=0"), d(0)),
-            (Some("min_ttl=60"), d(60)),
-            (Some("a=b&min_ttl=120"), d(120)),
-            (Some("min_ttl=99999999999999999999999"), d(u64::MAX)),
-            (Some("min_ttl="), Err(ApiError::InvalidMinTtl)),
-            (Some("min_ttl=-1"), Err(ApiError::InvalidMinTtl)),
-            (Some("min_ttl=1.5"), Err(ApiError::InvalidMinTtl)),
-            (Some("min_ttl=+5"), Err(ApiError::InvalidMinTtl)),
-            (Some("min_ttl=abc"), Err(ApiError::InvalidMinTtl)),
-            (Some("min_ttl=%FF"), Err(ApiError::InvalidMinTtl)),
-        ];
-        for (query, expected) in cases {
-            assert_eq!(min_ttl(query), expected, "{query:?}");
-        }
-    }
-
-    /// The soak once caught `expiresIn: 0` with a 1 s margin: the token was
-    /// judged with exactly 1 s left and its body counted from a later
-    /// instant. The body must count from the instant of the judgement.
-    #[tokio::test(start_paused = true)]
-    async fn expires_in_counts_from_the_judgement_not_from_later() {
-        use crate::secret::Secret;
-        let margin = Duration::from_secs(1);
-        for left in [
-            margin,
-            margin + Duration::from_nanos(1),
-            margin + Duration::from_millis(999),
-        ] {
-            let judged_at = Instant::now();
-            let token = Token::new(
-                Secret::new("t"),
-                judged_at,
-                left,
-                // A whole-second wall expiry: nothing is rounded off.
-                std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            );
-            assert!(token.is_servable(judged_at, margin));
-            // Time passes between the judgement and the body.
-            tokio::time::advance(Duration::from_millis(1)).await;
-            let response = token_response(&token, judged_at, false);
-            let body = axum::body::to_bytes(response.into_body(), 1024)
-                .await
-                .unwrap();
-            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(body["expiresIn"], 1, "{left:?} left when judged");
-        }
-    }
-
-    #[test]
-    fn accept_table() {
-        let cases = [
-            (None, false),
-            (Some("application/json"), false),
-            (Some("text/plain"), true),
-            (Some("TEXT/PLAIN; charset=utf-8"), true),
-            (Some("text/html, text/plain;q=0.9"), true),
-            (Some("application/json, text/plain"), false),
-            (Some("text/plain, application/json"), true),
-            (Some("*/*"), false),
-            // q-values decide before order.
-            (Some("text/plain;q=0, application/json"), false),
-            (Some("text/plain; q=0.0, */*"), false),
-            (Some("application/json;q=0.5, text/plain"), true),
-            (Some("application/json, text/plain;q=0.9"), false),
-            (Some("text/plain;q=0.9, application/json;q=0.8"), true),
-            (Some("text/plain;q=0.5, */*"), false),
-            (Some("*/*;q=0.1, text/plain"), true),
-            // The most specific range wins: text/plain refused although
-            // text/* is welcome.
-            (Some("text/*, text/plain;q=0"), false),
-            (Some("text/*"), true),
-            (Some("text/*;q=0.5, application/*;q=0.4"), true),
-            (Some("application/*"), false),
-            // Both refused, garbage, odd spacing: JSON.
-            (Some("text/plain;q=0, application/json;q=0"), false),
-            (Some("text/plain;q=abc"), false),
-            (Some("text/plain;q=2"), false),
-            (Some("nonsense, ,;"), false),
-            (Some(" text/plain ; q=1 "), true),
-        ];
-        for (accept, plain) in cases {
-            let mut builder = http::Request::builder().uri("/token");
-            if let Some(accept) = accept {
-                builder = builder.header(header::ACCEPT, accept);
-            }
-            let request = builder.body(axum::body::Body::empty()).unwrap();
-            assert_eq!(wants_plain_text(request.headers()), plain, "{accept:?}");
-        }
-    }
 }

@@ -1,0 +1,197 @@
+//! Configuration: layered, validated once at start into typed values.
+//!
+//! - [`layers`]: defaults < TOML file < environment < flags, merged by
+//!   figment into a [`RawConfig`];
+//! - [`raw`]: the shapes as written, every key with its default (a test
+//!   keeps `config/default.toml` equal to them), profiles included;
+//! - [`lenient`]: numbers, flags and lists that also read from strings,
+//!   so environment values need no table of keys;
+//! - [`ranges`]: every numeric key's range and the rules between keys;
+//! - `validate`: from [`RawConfig`] to [`Config`].
+//!
+//! `[klavi]` with `[refresh]` is the profile named `default`; each
+//! `[profiles.NAME]` (with `[profiles.NAME.refresh]`) is another, inheriting
+//! the non-secret `[klavi]` keys and `[refresh]`. Any problem becomes one
+//! [`ConfigError`] naming the full key, which the binary prints on one line
+//! before exiting with status 2.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::cache::policy::RefreshPolicy;
+use crate::secret::Secret;
+use crate::serve::server::Limits;
+
+mod error;
+pub mod layers;
+pub mod lenient;
+pub mod ranges;
+pub mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use error::ConfigError;
+pub use layers::{CONFIG_ENV, ENV_PREFIX, Overrides, Sources, load_raw, raw_from};
+pub use ranges::{RANGES, Range};
+pub use raw::{RawConfig, RawKlavi, RawLog, RawProfile, RawRefresh, RawRuntime, RawServer};
+pub use validate::read_key_file;
+
+/// The name of the profile `[klavi]` and `[refresh]` describe.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// Loads and validates the configuration.
+pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+    Config::validate(load_raw(sources)?)
+}
+
+/// Where a key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Given inline (file, environment).
+    Inline(Secret),
+    /// Read from this file, and re-read when it changes.
+    File(PathBuf),
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    /// Token API address (loopback unless explicitly allowed).
+    pub listen: SocketAddr,
+    /// Probes and metrics address, if enabled.
+    pub ops_listen: Option<SocketAddr>,
+    /// Token routes demand `Klavi-Sidecar: true`.
+    pub require_header: bool,
+    /// `Host` names accepted besides loopback ones, lower case.
+    pub allowed_hosts: Vec<String>,
+    /// Drain time after a stop signal.
+    pub shutdown_grace: Duration,
+    /// Connection-level protections.
+    pub limits: Limits,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Longest a request may take.
+    pub request_timeout: Duration,
+}
+
+/// A profile's `[klavi]` keys, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KlaviConfig {
+    /// The full auth endpoint: `base_url` + `auth_path`.
+    pub auth_url: Url,
+    /// The access key.
+    pub access_key: KeySource,
+    /// The secret key.
+    pub secret_key: KeySource,
+    /// Connection timeout.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout.
+    pub request_timeout: Duration,
+}
+
+/// A profile's `[refresh]` keys, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshConfig {
+    /// The schedule, backoff and budget knobs.
+    pub policy: RefreshPolicy,
+    /// How long a request may wait for a fetch when no token is servable.
+    pub wait: Duration,
+    /// Lifetime assumed when neither the response nor the JWT says.
+    pub fallback_ttl: Duration,
+}
+
+/// One profile: a key pair and everything about getting its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileConfig {
+    /// `default` for `[klavi]`, else the `NAME` of `[profiles.NAME]`.
+    pub name: String,
+    /// Where and how to ask for tokens.
+    pub klavi: KlaviConfig,
+    /// When to ask.
+    pub refresh: RefreshConfig,
+    /// `/readyz` waits for this profile.
+    pub required: bool,
+    /// Reserved for the proxy (must be empty in this version).
+    pub proxy_listen: String,
+    /// Reserved for the token file (must be empty in this version).
+    pub token_file: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// Every profile: `default` first when there is one, then by name.
+    pub profiles: Vec<ProfileConfig>,
+    /// `[log]`
+    pub log: LogFormat,
+    /// Worker threads of the runtime (0: one per CPU).
+    pub worker_threads: usize,
+    /// What it was built from, for `check-config`.
+    pub raw: RawConfig,
+}
+
+impl Config {
+    /// The profile called `name`.
+    pub fn profile(&self, name: &str) -> Option<&ProfileConfig> {
+        self.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// The effective configuration as TOML, every profile spelled out with
+    /// what it inherits, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.raw.clone();
+        for profile in shown.profiles.values_mut() {
+            *profile = profile.spelled_out(&self.raw.klavi, &self.raw.refresh);
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `runtime.worker_threads`, checked.
+pub fn worker_threads(runtime: &RawRuntime) -> Result<usize, ConfigError> {
+    let Range { low, high, .. } = ranges::range_of("runtime.worker_threads").unwrap_or(Range {
+        key: "runtime.worker_threads",
+        low: 0,
+        high: 64,
+    });
+    match runtime.worker_threads {
+        n if (low..=high).contains(&n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        n => Err(ConfigError::new(
+            "runtime.worker_threads",
+            format!("{n} is out of range: must be between {low} (one per CPU) and {high}"),
+        )),
+    }
+}
+
+/// The address to probe for `healthcheck`: the ops listener (or, when it is
+/// off, the token listener), with a wildcard IP replaced by loopback.
+pub fn probe_address(raw: &RawConfig) -> Option<SocketAddr> {
+    let text = if raw.server.ops_listen.trim().is_empty() {
+        &raw.server.listen
+    } else {
+        &raw.server.ops_listen
+    };
+    let mut addr: SocketAddr = text.trim().parse().ok()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+        });
+    }
+    Some(addr)
+}

@@ -1,0 +1,450 @@
+//! The configuration as written: every key of `config/default.toml`, with
+//! its default. Numbers, flags and lists also read from strings (see
+//! [`super::lenient`]), which is how environment variables arrive.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::secret::Secret;
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// `[server]`
+    pub server: RawServer,
+    /// `[klavi]`: the `default` profile's keys, and what other profiles
+    /// inherit.
+    pub klavi: RawKlavi,
+    /// `[refresh]`: the `default` profile's policy, and what other profiles
+    /// inherit.
+    pub refresh: RawRefresh,
+    /// `[profiles.NAME]`: more key pairs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles: BTreeMap<String, RawProfile>,
+    /// `[log]`
+    pub log: RawLog,
+    /// `[runtime]`
+    pub runtime: RawRuntime,
+}
+
+/// `[server]`: the listeners and their protections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Token API address. Default `127.0.0.1:8089`.
+    pub listen: String,
+    /// Lets `listen` be a non-loopback address. Default `false`.
+    #[serde(deserialize_with = "super::lenient::bool")]
+    pub allow_non_loopback: bool,
+    /// Probes and metrics address; `""` turns it off. Default `0.0.0.0:8090`.
+    pub ops_listen: String,
+    /// Token routes demand `Klavi-Sidecar: true`. Default `true`.
+    #[serde(deserialize_with = "super::lenient::bool")]
+    pub require_header: bool,
+    /// `Host` names accepted on token routes besides loopback ones. Default
+    /// none.
+    #[serde(deserialize_with = "super::lenient::list")]
+    pub allowed_hosts: Vec<String>,
+    /// Drain time after SIGTERM/SIGINT, seconds. Default `10`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub shutdown_grace_secs: u64,
+    /// Time to send a request's headers (and keep-alive idle time), ms.
+    /// Default `5000`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub header_read_timeout_ms: u64,
+    /// Largest request head, bytes; larger gets 431. Default `16384`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub max_header_bytes: u64,
+    /// Largest request body, bytes; larger gets 413. Default `1024`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub max_body_bytes: u64,
+    /// Open connections per listener. Default `512`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub max_connections: u64,
+    /// Longest a request may take, ms; then 408. Default `10000`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8089".into(),
+            allow_non_loopback: false,
+            ops_listen: "0.0.0.0:8090".into(),
+            require_header: true,
+            allowed_hosts: Vec::new(),
+            shutdown_grace_secs: 10,
+            header_read_timeout_ms: 5000,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 1024,
+            max_connections: 512,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[klavi]`: where and how to ask for tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKlavi {
+    /// Default `https://api-sandbox.klavi.ai`.
+    pub base_url: String,
+    /// Default `/payment/customer/v1/auth`.
+    pub auth_path: String,
+    /// Lets `base_url` be plain `http://` to a non-loopback host. Default `false`.
+    #[serde(deserialize_with = "super::lenient::bool")]
+    pub allow_insecure_http: bool,
+    /// No default: this or `access_key_file` is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key: Option<Secret>,
+    /// No default: this or `secret_key_file` is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<Secret>,
+    /// File holding the access key, re-read when it changes. No default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_file: Option<PathBuf>,
+    /// File holding the secret key, re-read when it changes. No default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Default `3000`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub connect_timeout_ms: u64,
+    /// Default `10000`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub request_timeout_ms: u64,
+    /// `/readyz` waits for this profile. Default `true`.
+    #[serde(deserialize_with = "super::lenient::bool")]
+    pub required: bool,
+    /// The profile's proxy listener; `""` is off (the proxy is not part of
+    /// this version). Default `""`.
+    pub proxy_listen: String,
+    /// File the profile's token is written to; `""` is off (not part of
+    /// this version). Default `""`.
+    pub token_file: String,
+}
+
+impl Default for RawKlavi {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api-sandbox.klavi.ai".into(),
+            auth_path: "/payment/customer/v1/auth".into(),
+            allow_insecure_http: false,
+            access_key: None,
+            secret_key: None,
+            access_key_file: None,
+            secret_key_file: None,
+            connect_timeout_ms: 3000,
+            request_timeout_ms: 10_000,
+            required: true,
+            proxy_listen: String::new(),
+            token_file: String::new(),
+        }
+    }
+}
+
+impl RawKlavi {
+    /// Whether any key or key file is set: without, `[klavi]` is no profile.
+    pub fn has_keys(&self) -> bool {
+        self.access_key.is_some()
+            || self.secret_key.is_some()
+            || self.access_key_file.is_some()
+            || self.secret_key_file.is_some()
+    }
+}
+
+/// `[refresh]`: the refresh policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRefresh {
+    /// Default `60`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub refresh_before_secs: u64,
+    /// Default `0.1`.
+    #[serde(deserialize_with = "super::lenient::f64")]
+    pub jitter_ratio: f64,
+    /// Default `5`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub serve_margin_secs: u64,
+    /// Default `500`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub backoff_initial_ms: u64,
+    /// Default `30`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub backoff_max_secs: u64,
+    /// Default `5`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub min_interval_secs: u64,
+    /// Default `5000`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub wait_ms: u64,
+    /// Default `60`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub max_auth_per_minute: u64,
+    /// Default `300`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub fallback_ttl_secs: u64,
+}
+
+impl Default for RawRefresh {
+    fn default() -> Self {
+        Self {
+            refresh_before_secs: 60,
+            jitter_ratio: 0.1,
+            serve_margin_secs: 5,
+            backoff_initial_ms: 500,
+            backoff_max_secs: 30,
+            min_interval_secs: 5,
+            wait_ms: 5000,
+            max_auth_per_minute: 60,
+            fallback_ttl_secs: 300,
+        }
+    }
+}
+
+/// `[profiles.NAME]`: every `[klavi]` key, each absent unless set. The
+/// non-secret ones absent here are inherited from `[klavi]`; keys and key
+/// files never are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProfile {
+    /// Inherited from `klavi.base_url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Inherited from `klavi.auth_path`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_path: Option<String>,
+    /// Inherited from `klavi.allow_insecure_http`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_bool"
+    )]
+    pub allow_insecure_http: Option<bool>,
+    /// Required (with `secret_key`), or the file forms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key: Option<Secret>,
+    /// Required (with `access_key`), or the file forms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<Secret>,
+    /// File holding the access key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_file: Option<PathBuf>,
+    /// File holding the secret key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_key_file: Option<PathBuf>,
+    /// Inherited from `klavi.connect_timeout_ms`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    pub connect_timeout_ms: Option<u64>,
+    /// Inherited from `klavi.request_timeout_ms`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    pub request_timeout_ms: Option<u64>,
+    /// Default `true` (not inherited: each profile says for itself).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_bool"
+    )]
+    pub required: Option<bool>,
+    /// Not inherited. Default `""`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_listen: Option<String>,
+    /// Not inherited. Default `""`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// `[profiles.NAME.refresh]`: overrides of `[refresh]`.
+    #[serde(skip_serializing_if = "RawRefreshOverrides::is_empty")]
+    pub refresh: RawRefreshOverrides,
+}
+
+/// `[profiles.NAME.refresh]`: any `[refresh]` key, each absent unless set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRefreshOverrides {
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    refresh_before_secs: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_f64"
+    )]
+    jitter_ratio: Option<f64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    serve_margin_secs: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    backoff_initial_ms: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    backoff_max_secs: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    min_interval_secs: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    wait_ms: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    max_auth_per_minute: Option<u64>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    fallback_ttl_secs: Option<u64>,
+}
+
+impl RawRefreshOverrides {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `base` with these overrides applied.
+    pub fn over(&self, base: &RawRefresh) -> RawRefresh {
+        RawRefresh {
+            refresh_before_secs: self.refresh_before_secs.unwrap_or(base.refresh_before_secs),
+            jitter_ratio: self.jitter_ratio.unwrap_or(base.jitter_ratio),
+            serve_margin_secs: self.serve_margin_secs.unwrap_or(base.serve_margin_secs),
+            backoff_initial_ms: self.backoff_initial_ms.unwrap_or(base.backoff_initial_ms),
+            backoff_max_secs: self.backoff_max_secs.unwrap_or(base.backoff_max_secs),
+            min_interval_secs: self.min_interval_secs.unwrap_or(base.min_interval_secs),
+            wait_ms: self.wait_ms.unwrap_or(base.wait_ms),
+            max_auth_per_minute: self.max_auth_per_minute.unwrap_or(base.max_auth_per_minute),
+            fallback_ttl_secs: self.fallback_ttl_secs.unwrap_or(base.fallback_ttl_secs),
+        }
+    }
+
+    /// Every key set, as overrides (for printing a profile in full).
+    fn all(refresh: &RawRefresh) -> Self {
+        Self {
+            refresh_before_secs: Some(refresh.refresh_before_secs),
+            jitter_ratio: Some(refresh.jitter_ratio),
+            serve_margin_secs: Some(refresh.serve_margin_secs),
+            backoff_initial_ms: Some(refresh.backoff_initial_ms),
+            backoff_max_secs: Some(refresh.backoff_max_secs),
+            min_interval_secs: Some(refresh.min_interval_secs),
+            wait_ms: Some(refresh.wait_ms),
+            max_auth_per_minute: Some(refresh.max_auth_per_minute),
+            fallback_ttl_secs: Some(refresh.fallback_ttl_secs),
+        }
+    }
+}
+
+impl RawProfile {
+    /// The profile's effective `[klavi]` and `[refresh]`: its own keys over
+    /// what it inherits from `klavi` and `refresh`. Keys, key files and the
+    /// per-profile keys (`required`, `proxy_listen`, `token_file`) are not
+    /// inherited.
+    pub fn effective(&self, klavi: &RawKlavi, refresh: &RawRefresh) -> (RawKlavi, RawRefresh) {
+        let own = RawKlavi {
+            base_url: self
+                .base_url
+                .clone()
+                .unwrap_or_else(|| klavi.base_url.clone()),
+            auth_path: self
+                .auth_path
+                .clone()
+                .unwrap_or_else(|| klavi.auth_path.clone()),
+            allow_insecure_http: self
+                .allow_insecure_http
+                .unwrap_or(klavi.allow_insecure_http),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+            access_key_file: self.access_key_file.clone(),
+            secret_key_file: self.secret_key_file.clone(),
+            connect_timeout_ms: self.connect_timeout_ms.unwrap_or(klavi.connect_timeout_ms),
+            request_timeout_ms: self.request_timeout_ms.unwrap_or(klavi.request_timeout_ms),
+            required: self.required.unwrap_or(true),
+            proxy_listen: self.proxy_listen.clone().unwrap_or_default(),
+            token_file: self.token_file.clone().unwrap_or_default(),
+        };
+        (own, self.refresh.over(refresh))
+    }
+
+    /// The profile with every key spelled out (secrets stay redacted when
+    /// printed), for `check-config`.
+    pub fn spelled_out(&self, klavi: &RawKlavi, refresh: &RawRefresh) -> Self {
+        let (k, r) = self.effective(klavi, refresh);
+        Self {
+            base_url: Some(k.base_url),
+            auth_path: Some(k.auth_path),
+            allow_insecure_http: Some(k.allow_insecure_http),
+            access_key: k.access_key,
+            secret_key: k.secret_key,
+            access_key_file: k.access_key_file,
+            secret_key_file: k.secret_key_file,
+            connect_timeout_ms: Some(k.connect_timeout_ms),
+            request_timeout_ms: Some(k.request_timeout_ms),
+            required: Some(k.required),
+            proxy_listen: Some(k.proxy_listen),
+            token_file: Some(k.token_file),
+            refresh: RawRefreshOverrides::all(&r),
+        }
+    }
+}
+
+/// `[runtime]`: the async runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRuntime {
+    /// Worker threads: 1 runs everything on one thread, 0 means one per
+    /// CPU the process may use. Default `1`.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub worker_threads: u64,
+}
+
+impl Default for RawRuntime {
+    fn default() -> Self {
+        Self { worker_threads: 1 }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `text` or `json`. Default `text`.
+    pub format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret::new)
+    }
+}
+
+/// Secrets serialise redacted, so printing a configuration cannot leak them.
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[REDACTED]")
+    }
+}

@@ -1,0 +1,361 @@
+//! From [`RawConfig`] to [`Config`]: every key checked once, every failure
+//! one [`ConfigError`] naming the full key (`profiles.mgmt.secret_key_file`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use url::{Host, Url};
+
+use super::ranges::{self, KeyNames};
+use super::raw::{RawConfig, RawKlavi, RawRefresh};
+use super::{
+    Config, ConfigError, DEFAULT_PROFILE, KeySource, KlaviConfig, LogFormat, ProfileConfig,
+    RefreshConfig, ServerConfig, worker_threads,
+};
+use crate::cache::policy::RefreshPolicy;
+use crate::secret::Secret;
+use crate::serve::server::Limits;
+
+/// Longest profile name.
+const MAX_NAME_LEN: usize = 32;
+
+impl Config {
+    /// Checks every key and builds the typed configuration.
+    pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let server = server(&raw)?;
+        let log = log_format(&raw.log.format)?;
+        ranges::check_server(&raw.server)?;
+        // [klavi] and [refresh] are checked even without a default
+        // profile: the other profiles inherit them.
+        ranges::check_profile(&KeyNames::of(DEFAULT_PROFILE), &raw.klavi, &raw.refresh)?;
+
+        let mut profiles = Vec::new();
+        if raw.klavi.has_keys() || raw.profiles.is_empty() {
+            profiles.push(profile(DEFAULT_PROFILE, &raw.klavi, &raw.refresh, &raw)?);
+        }
+        for (name, own) in &raw.profiles {
+            check_name(name)?;
+            let (klavi, refresh) = own.effective(&raw.klavi, &raw.refresh);
+            profiles.push(profile(name, &klavi, &refresh, &raw)?);
+        }
+        distinct(&profiles, "proxy_listen", |p| p.proxy_listen.as_str())?;
+        distinct(&profiles, "token_file", |p| p.token_file.as_str())?;
+        if let Some(p) = profiles.iter().find(|p| !p.proxy_listen.is_empty()) {
+            return Err(ConfigError::new(
+                KeyNames::of(&p.name).klavi("proxy_listen"),
+                "the proxy is not part of this version; leave it empty",
+            ));
+        }
+        if let Some(p) = profiles.iter().find(|p| !p.token_file.is_empty()) {
+            return Err(ConfigError::new(
+                KeyNames::of(&p.name).klavi("token_file"),
+                "the token file is not part of this version; leave it empty",
+            ));
+        }
+
+        Ok(Self {
+            server,
+            profiles,
+            log,
+            worker_threads: worker_threads(&raw.runtime)?,
+            raw,
+        })
+    }
+}
+
+fn server(raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
+    let s = &raw.server;
+    let listen = socket_addr("server.listen", &s.listen)?;
+    if !listen.ip().is_loopback() && !s.allow_non_loopback {
+        return Err(ConfigError::new(
+            "server.listen",
+            format!(
+                "{listen} is not a loopback address; the token API must stay inside the pod \
+                 (set server.allow_non_loopback = true to override)"
+            ),
+        ));
+    }
+    let ops_listen = if s.ops_listen.trim().is_empty() {
+        None
+    } else {
+        let ops = socket_addr("server.ops_listen", &s.ops_listen)?;
+        let overlaps = ops.port() == listen.port()
+            && ops.port() != 0
+            && (ops.ip() == listen.ip() || ops.ip().is_unspecified());
+        if overlaps {
+            return Err(ConfigError::new(
+                "server.ops_listen",
+                format!("{ops} clashes with server.listen ({listen}); use another port"),
+            ));
+        }
+        Some(ops)
+    };
+    let ms = Duration::from_millis;
+    Ok(ServerConfig {
+        listen,
+        ops_listen,
+        require_header: s.require_header,
+        allowed_hosts: allowed_hosts(&s.allowed_hosts)?,
+        shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+        limits: Limits {
+            header_read_timeout: ms(s.header_read_timeout_ms),
+            max_header_bytes: usize::try_from(s.max_header_bytes).unwrap_or(usize::MAX),
+            max_connections: usize::try_from(s.max_connections).unwrap_or(usize::MAX),
+        },
+        max_body_bytes: usize::try_from(s.max_body_bytes).unwrap_or(usize::MAX),
+        request_timeout: ms(s.request_timeout_ms),
+    })
+}
+
+/// One profile from its effective `[klavi]` and `[refresh]`.
+fn profile(
+    name: &str,
+    k: &RawKlavi,
+    r: &RawRefresh,
+    raw: &RawConfig,
+) -> Result<ProfileConfig, ConfigError> {
+    let names = KeyNames::of(name);
+    let auth_url = auth_url(&names, k)?;
+    let access_key = key_source(&names, "access_key", &k.access_key, &k.access_key_file)?;
+    let secret_key = key_source(&names, "secret_key", &k.secret_key, &k.secret_key_file)?;
+    ranges::check_profile(&names, k, r)?;
+    ranges::check_server_against(&raw.server, &names, r)?;
+    let ms = Duration::from_millis;
+    let secs = Duration::from_secs;
+    Ok(ProfileConfig {
+        name: name.to_string(),
+        required: k.required,
+        proxy_listen: k.proxy_listen.trim().to_string(),
+        token_file: k.token_file.trim().to_string(),
+        klavi: KlaviConfig {
+            auth_url,
+            access_key,
+            secret_key,
+            connect_timeout: ms(k.connect_timeout_ms),
+            request_timeout: ms(k.request_timeout_ms),
+        },
+        refresh: RefreshConfig {
+            policy: RefreshPolicy {
+                refresh_before: secs(r.refresh_before_secs),
+                jitter_ratio: r.jitter_ratio,
+                serve_margin: secs(r.serve_margin_secs),
+                backoff_initial: ms(r.backoff_initial_ms),
+                backoff_max: secs(r.backoff_max_secs),
+                min_interval: secs(r.min_interval_secs),
+                max_auth_per_minute: u32::try_from(r.max_auth_per_minute).unwrap_or(u32::MAX),
+            },
+            wait: ms(r.wait_ms),
+            fallback_ttl: secs(r.fallback_ttl_secs),
+        },
+    })
+}
+
+/// Profile names: 1–32 of `[a-z0-9_]`, starting with a letter; `default`
+/// is `[klavi]`'s. Lower case only, so environment names map one to one.
+fn check_name(name: &str) -> Result<(), ConfigError> {
+    let key = format!("profiles.{name}");
+    if name == DEFAULT_PROFILE {
+        return Err(ConfigError::new(
+            key,
+            "the name \"default\" is reserved for [klavi] and [refresh]; choose another",
+        ));
+    }
+    let well_formed = (1..=MAX_NAME_LEN).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key.escape_debug().to_string(),
+            format!(
+                "is not a valid profile name: 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and _, \
+                 starting with a letter"
+            ),
+        ))
+    }
+}
+
+/// No two profiles share a non-empty value of `key`.
+fn distinct(
+    profiles: &[ProfileConfig],
+    key: &str,
+    value: impl Fn(&ProfileConfig) -> &str,
+) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for profile in profiles {
+        let v = value(profile);
+        if v.is_empty() {
+            continue;
+        }
+        if let Some(first) = seen.insert(v, &profile.name) {
+            return Err(ConfigError::new(
+                KeyNames::of(&profile.name).klavi(key),
+                format!("{v:?} is also profile {first:?}'s {key}; two profiles cannot share one"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn log_format(format: &str) -> Result<LogFormat, ConfigError> {
+    match format.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(ConfigError::new(
+            "log.format",
+            format!("{other:?} is not one of \"text\", \"json\""),
+        )),
+    }
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8089 or [::1]:8089)"),
+        )
+    })
+}
+
+fn key_source(
+    names: &KeyNames,
+    which: &str,
+    inline: &Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<KeySource, ConfigError> {
+    let key = names.klavi(which);
+    let file_key = names.klavi(&format!("{which}_file"));
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            &key,
+            format!("set either {key} or {file_key}, not both"),
+        )),
+        (Some(secret), None) if secret.expose().trim().is_empty() => {
+            Err(ConfigError::new(key, "is empty"))
+        }
+        (Some(secret), None) => Ok(KeySource::Inline(secret.clone())),
+        (None, Some(path)) => {
+            read_key_file(path).map_err(|message| ConfigError::new(file_key, message))?;
+            Ok(KeySource::File(path.clone()))
+        }
+        (None, None) if key.starts_with("klavi.") => {
+            let env = if which == "access_key" {
+                "KLAVI_ACCESS_KEY"
+            } else {
+                "KLAVI_SECRET_KEY"
+            };
+            Err(ConfigError::new(
+                &key,
+                format!(
+                    "is required: set {env} or {env}_FILE (or {key} / {file_key} in the config \
+                     file), or define profiles in [profiles.NAME] instead"
+                ),
+            ))
+        }
+        (None, None) => Err(ConfigError::new(
+            &key,
+            format!("is required: every profile needs its own keys ({key} or {file_key})"),
+        )),
+    }
+}
+
+/// Reads a key file: trailing newline trimmed, must not be empty.
+pub fn read_key_file(path: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = text.trim_end_matches(['\n', '\r']);
+    if key.trim().is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(key))
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+fn auth_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
+    let key = names.klavi("base_url");
+    let base = Url::parse(raw.base_url.trim())
+        .map_err(|e| ConfigError::new(&key, format!("{:?} is not a URL: {e}", raw.base_url)))?;
+    match base.scheme() {
+        "https" => {}
+        "http" if is_loopback_host(&base) || raw.allow_insecure_http => {}
+        "http" => {
+            return Err(ConfigError::new(
+                &key,
+                format!(
+                    "plain http:// is only allowed for loopback hosts; use https:// or set {} = true",
+                    names.klavi("allow_insecure_http")
+                ),
+            ));
+        }
+        other => {
+            return Err(ConfigError::new(
+                &key,
+                format!("scheme {other:?} is not supported; use https://"),
+            ));
+        }
+    }
+    if base.host().is_none() {
+        return Err(ConfigError::new(&key, "has no host"));
+    }
+    if !base.username().is_empty() || base.password().is_some() {
+        return Err(ConfigError::new(
+            &key,
+            "must not carry credentials; set the access and secret keys instead",
+        ));
+    }
+    if base.query().is_some() || base.fragment().is_some() {
+        return Err(ConfigError::new(&key, "must not have a query or fragment"));
+    }
+    let path_key = names.klavi("auth_path");
+    if !raw.auth_path.starts_with('/') {
+        return Err(ConfigError::new(
+            path_key,
+            format!("{:?} must start with /", raw.auth_path),
+        ));
+    }
+    let joined = format!("{}{}", base.as_str().trim_end_matches('/'), raw.auth_path);
+    Url::parse(&joined).map_err(|e| ConfigError::new(path_key, format!("{:?}: {e}", raw.auth_path)))
+}
+
+/// `server.allowed_hosts`, checked and lower-cased: host names or IP
+/// literals (IPv6 in brackets), without a port (any port is accepted).
+fn allowed_hosts(hosts: &[String]) -> Result<Vec<String>, ConfigError> {
+    hosts
+        .iter()
+        .map(|host| {
+            let host = host.trim();
+            let bracketed_v6 = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+            let name = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+            if bracketed_v6 || name {
+                Ok(host.to_ascii_lowercase())
+            } else {
+                Err(ConfigError::new(
+                    "server.allowed_hosts",
+                    format!(
+                        "{host:?} is not a host name (e.g. \"sidecar.internal\", or \"[fd00::1]\" \
+                         for IPv6; no scheme, port or path)"
+                    ),
+                ))
+            }
+        })
+        .collect()
+}
