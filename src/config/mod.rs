@@ -28,6 +28,8 @@ use crate::serve::server::Limits;
 mod error;
 pub mod layers;
 pub mod lenient;
+#[cfg(test)]
+mod profile_tests;
 pub mod ranges;
 pub mod raw;
 #[cfg(test)]

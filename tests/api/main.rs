@@ -8,5 +8,6 @@ mod helpers;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod profiles;
 mod routes;
 mod upstream;

@@ -1,0 +1,268 @@
+//! Profiles in the configuration: inheritance, names, environment keys,
+//! errors naming the full key, `check-config` output.
+
+use std::time::Duration;
+
+use super::*;
+
+fn sources(toml: &str, env: &[(&str, &str)]) -> (tempfile::TempDir, Sources) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("sidecar.toml");
+    std::fs::write(&path, toml).unwrap_or_else(|e| panic!("{e}"));
+    let sources = Sources {
+        file: Some(path),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Sources::default()
+    };
+    (dir, sources)
+}
+
+fn loaded(toml: &str, env: &[(&str, &str)]) -> Config {
+    let (_dir, sources) = sources(toml, env);
+    load(&sources).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn error(toml: &str, env: &[(&str, &str)]) -> ConfigError {
+    let (_dir, sources) = sources(toml, env);
+    match load(&sources) {
+        Err(e) => e,
+        Ok(config) => panic!("expected an error, got {:?}", config.profiles),
+    }
+}
+
+const TWO: &str = r#"
+[klavi]
+base_url = "https://api.klavi.ai"
+access_key = "product-ak"
+secret_key = "product-sk"
+request_timeout_ms = 4000
+
+[refresh]
+wait_ms = 2000
+
+[profiles.mgmt]
+access_key = "mgmt-ak"
+secret_key = "mgmt-sk"
+auth_path = "/management/v1/auth"
+required = false
+
+[profiles.mgmt.refresh]
+max_auth_per_minute = 10
+"#;
+
+#[test]
+fn two_profiles_inherit_the_non_secret_keys_and_refresh() {
+    let config = loaded(TWO, &[]);
+    let names: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["default", "mgmt"], "default first");
+    let product = config.profile("default").unwrap_or_else(|| panic!());
+    let mgmt = config.profile("mgmt").unwrap_or_else(|| panic!());
+    assert_eq!(
+        product.klavi.auth_url.as_str(),
+        "https://api.klavi.ai/payment/customer/v1/auth"
+    );
+    assert_eq!(
+        mgmt.klavi.auth_url.as_str(),
+        "https://api.klavi.ai/management/v1/auth",
+        "base_url inherited, auth_path its own"
+    );
+    assert_eq!(mgmt.klavi.request_timeout, Duration::from_millis(4000));
+    assert_eq!(
+        mgmt.refresh.wait,
+        Duration::from_millis(2000),
+        "[refresh] inherited"
+    );
+    assert_eq!(mgmt.refresh.policy.max_auth_per_minute, 10);
+    assert_eq!(product.refresh.policy.max_auth_per_minute, 60);
+    assert_eq!(
+        mgmt.klavi.access_key,
+        KeySource::Inline(Secret::new("mgmt-ak"))
+    );
+    assert!(product.required && !mgmt.required);
+}
+
+#[test]
+fn keys_are_never_inherited() {
+    let toml = "[klavi]\naccess_key = \"a\"\nsecret_key = \"s\"\n[profiles.other]\nbase_url = \"https://api.klavi.ai\"\n";
+    let e = error(toml, &[]);
+    assert_eq!(e.key, "profiles.other.access_key");
+    assert!(e.message.contains("required"), "{e}");
+    let toml = "[profiles.other]\naccess_key = \"a\"\n";
+    assert_eq!(error(toml, &[]).key, "profiles.other.secret_key");
+}
+
+#[test]
+fn without_keys_in_klavi_there_is_no_default_profile() {
+    let toml = "[profiles.merchant_1]\naccess_key = \"a\"\nsecret_key = \"s\"\n";
+    let config = loaded(toml, &[]);
+    let names: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["merchant_1"]);
+    assert!(config.profile(DEFAULT_PROFILE).is_none());
+    // Half a key pair in [klavi] is an error, not "no default profile".
+    let toml =
+        "[klavi]\nsecret_key = \"s\"\n[profiles.a]\naccess_key = \"a\"\nsecret_key = \"s\"\n";
+    assert_eq!(error(toml, &[]).key, "klavi.access_key");
+    // And with no profiles at all, [klavi]'s keys are required.
+    assert_eq!(error("", &[]).key, "klavi.access_key");
+}
+
+#[test]
+fn profiles_from_the_environment() {
+    let config = loaded(
+        "",
+        &[
+            ("KLAVI_SIDECAR_PROFILES__MGMT__ACCESS_KEY", "007"),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__SECRET_KEY", "s"),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__REQUIRED", "false"),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__REFRESH__WAIT_MS", "700"),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__CONNECT_TIMEOUT_MS", " 900 "),
+        ],
+    );
+    let mgmt = config.profile("mgmt").unwrap_or_else(|| panic!());
+    assert_eq!(mgmt.klavi.access_key, KeySource::Inline(Secret::new("007")));
+    assert!(!mgmt.required);
+    assert_eq!(mgmt.refresh.wait, Duration::from_millis(700));
+    assert_eq!(mgmt.klavi.connect_timeout, Duration::from_millis(900));
+    // The environment overrides the file, key by key.
+    let config = loaded(
+        TWO,
+        &[(
+            "KLAVI_SIDECAR_PROFILES__MGMT__REFRESH__MAX_AUTH_PER_MINUTE",
+            "12",
+        )],
+    );
+    let mgmt = config.profile("mgmt").unwrap_or_else(|| panic!());
+    assert_eq!(mgmt.refresh.policy.max_auth_per_minute, 12);
+    assert_eq!(
+        mgmt.klavi.access_key,
+        KeySource::Inline(Secret::new("mgmt-ak"))
+    );
+}
+
+#[test]
+fn bad_profiles_are_one_line_naming_the_full_key() {
+    let keys = "access_key = \"a\"\nsecret_key = \"s\"\n";
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!("[profiles.Mgmt]\n{keys}"),
+            "profiles.Mgmt",
+            "not a valid profile name",
+        ),
+        (
+            format!("[profiles.1st]\n{keys}"),
+            "profiles.1st",
+            "starting with a letter",
+        ),
+        (
+            format!("[profiles.a-b]\n{keys}"),
+            "profiles.a-b",
+            "a-z, 0-9 and _",
+        ),
+        (
+            format!("[profiles.{}]\n{keys}", "a".repeat(33)),
+            "profiles.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "1 to 32",
+        ),
+        (
+            format!("[profiles.default]\n{keys}"),
+            "profiles.default",
+            "reserved",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}typo = 1\n"),
+            "profiles.mgmt.typo",
+            "unknown field",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}[profiles.mgmt.refresh]\nwait = 1\n"),
+            "profiles.mgmt.refresh.wait",
+            "unknown field",
+        ),
+        (
+            "[profiles.mgmt]\naccess_key = \"a\"\nsecret_key_file = \"/nonexistent/sk\"\n".into(),
+            "profiles.mgmt.secret_key_file",
+            "cannot read",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}secret_key_file = \"/x\"\n"),
+            "profiles.mgmt.secret_key",
+            "not both",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}base_url = \"http://api.klavi.ai\"\n"),
+            "profiles.mgmt.base_url",
+            "profiles.mgmt.allow_insecure_http",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}[profiles.mgmt.refresh]\nwait_ms = 0\n"),
+            "profiles.mgmt.refresh.wait_ms",
+            "between 100 and 300000",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}[profiles.mgmt.refresh]\nserve_margin_secs = 90\n"),
+            "profiles.mgmt.refresh.serve_margin_secs",
+            "refresh_before_secs",
+        ),
+        (
+            format!("[profiles.mgmt]\n{keys}[profiles.mgmt.refresh]\nwait_ms = 20000\n"),
+            "server.request_timeout_ms",
+            "profiles.mgmt.refresh.wait_ms",
+        ),
+        (
+            "[profiles.mgmt]\naccess_key = \"a\"\nsecret_key = 5\n".into(),
+            "profiles.mgmt.secret_key",
+            "not shown",
+        ),
+        (
+            format!(
+                "[profiles.a]\n{keys}token_file = \"/t/tok\"\n[profiles.b]\n{keys}token_file = \"/t/tok\"\n"
+            ),
+            "profiles.b.token_file",
+            "cannot share",
+        ),
+        (
+            format!(
+                "[profiles.a]\n{keys}proxy_listen = \"127.0.0.1:9\"\n[profiles.b]\n{keys}proxy_listen = \"127.0.0.1:9\"\n"
+            ),
+            "profiles.b.proxy_listen",
+            "cannot share",
+        ),
+    ];
+    for (toml, key, needle) in cases {
+        let e = error(&toml, &[]);
+        assert_eq!(e.key, key, "{toml}: {e}");
+        assert!(e.message.contains(needle), "{e} should mention {needle:?}");
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
+        assert!(!e.to_string().contains("\"s\""), "no secret: {e}");
+    }
+}
+
+#[test]
+fn check_config_prints_every_profile_in_full_and_redacted() {
+    let config = loaded(TWO, &[]);
+    let text = config.to_redacted_toml();
+    let parsed: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let mgmt = &parsed["profiles"]["mgmt"];
+    // What it inherits is spelled out.
+    assert_eq!(mgmt["base_url"].as_str(), Some("https://api.klavi.ai"));
+    assert_eq!(mgmt["request_timeout_ms"].as_integer(), Some(4000));
+    assert_eq!(mgmt["refresh"]["wait_ms"].as_integer(), Some(2000));
+    assert_eq!(
+        mgmt["refresh"]["max_auth_per_minute"].as_integer(),
+        Some(10)
+    );
+    assert_eq!(mgmt["access_key"].as_str(), Some("[REDACTED]"));
+    for secret in ["product-ak", "product-sk", "mgmt-ak", "mgmt-sk"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    // And the printed configuration loads back to the same profiles.
+    let again = loaded(&text.replace("\"[REDACTED]\"", "\"x\""), &[]);
+    assert_eq!(again.profiles.len(), 2);
+    assert_eq!(
+        again.profile("mgmt").map(|p| &p.refresh),
+        config.profile("mgmt").map(|p| &p.refresh)
+    );
+}
