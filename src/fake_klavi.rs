@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -26,6 +26,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::clock::{SystemClock, WallClock as _};
 
 /// Access key the demo uses; not a real Klavi key.
 pub const DEMO_ACCESS_KEY: &str = "demo-access-key";
@@ -523,7 +525,7 @@ async fn handle(
         }
         Reply::Reset => return Err(ScriptedReset),
     };
-    let date = crate::clock::shift(SystemTime::now(), outcome.date_skew_secs as f64);
+    let date = crate::clock::shift(SystemClock.now(), outcome.date_skew_secs as f64);
     if let Ok(value) = http::HeaderValue::from_str(&httpdate::fmt_http_date(date)) {
         response.headers_mut().insert(header::DATE, value);
     }
@@ -552,7 +554,8 @@ fn check_keys(config: &FakeKlaviConfig, body: &[u8]) -> Result<(), Box<FakeRespo
 /// A new JWT-shaped token from a clock `skew_secs` off the real one.
 fn issue_token(state: &State, ttl: Duration, skew_secs: i64) -> FakeResponse {
     let n = state.issued.fetch_add(1, Ordering::SeqCst) + 1;
-    let now = SystemTime::now()
+    let now = SystemClock
+        .now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)

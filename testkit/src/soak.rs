@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -201,9 +201,8 @@ impl Shared {
 }
 
 fn now_unix() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    use klavi_token_sidecar::clock::{SystemClock, WallClock as _};
+    klavi_token_sidecar::clock::unix_secs(SystemClock.now())
 }
 
 async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, shared: Arc<Shared>) {

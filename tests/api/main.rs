@@ -3,6 +3,8 @@
 //! rotation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+// These tests compare what the sidecar reports with the real clocks.
+#![allow(clippy::disallowed_methods)]
 
 mod helpers;
 mod lifecycle;
