@@ -39,6 +39,12 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// Request latency buckets: 50 µs (the hot path) to 10 s (a wait, a slow
+/// client).
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     profile: String,
@@ -77,6 +83,7 @@ struct VersionLabel {
 
 type FloatGauge = Gauge<f64, AtomicU64>;
 type HistogramFamily = Family<ProfileLabel, Histogram, fn() -> Histogram>;
+type RouteHistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 /// How a forced refresh (`POST /token/refresh`) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +134,7 @@ impl MinTtlOutcome {
 /// The metric families, shared by every profile's handle.
 struct Families {
     token_requests: Family<RequestLabels, Counter>,
+    request_duration: RouteHistogramFamily,
     waited: Family<RouteLabels, Counter>,
     forced: Family<OutcomeLabels, Counter>,
     min_ttl_refreshes: Family<OutcomeLabels, Counter>,
@@ -167,6 +175,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("klavi_sidecar");
         let families = Families {
             token_requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| Histogram::new(REQUEST_BUCKETS)),
             waited: Family::default(),
             forced: Family::default(),
             min_ttl_refreshes: Family::default(),
@@ -185,6 +194,11 @@ impl Metrics {
             "token_requests",
             "HTTP requests answered, by profile (\"\" when none), matched route (or \"unmatched\") and status code, on both listeners",
             f.token_requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a request, by profile (\"\" when none) and matched route, on both listeners",
+            f.request_duration.clone(),
         );
         registry.register(
             "token_requests_waited",
@@ -310,16 +324,9 @@ impl Metrics {
     }
 
     /// Counts an answered request that belongs to no profile (probes,
-    /// metrics, unknown paths and profiles).
-    pub fn request(&self, route: &str, status: u16) {
-        self.families
-            .token_requests
-            .get_or_create(&RequestLabels {
-                profile: String::new(),
-                route: route.to_string(),
-                status,
-            })
-            .inc();
+    /// metrics, unknown paths and profiles), and its latency.
+    pub fn request(&self, route: &str, status: u16, took: Duration) {
+        count_request(&self.families, "", route, status, took);
     }
 
     /// The exposition, with each profile's token gauges read from its store
@@ -404,21 +411,38 @@ impl ProfileMetrics {
             .clone()
     }
 
-    /// Counts an answered request on `route`.
-    pub fn request(&self, route: &str, status: u16) {
-        self.requests_counter(route, status).inc();
+    /// The latency histogram of `route`, to keep (the hot path).
+    pub fn latency_histogram(&self, route: &str) -> Histogram {
+        self.families
+            .request_duration
+            .get_or_create(&RouteLabels {
+                profile: self.profile.clone(),
+                route: route.to_string(),
+            })
+            .clone()
     }
 
-    /// Counts a token request on `route` that had to wait for the refresh
-    /// task.
-    pub fn waited(&self, route: &str) {
+    /// Counts an answered request on `route`, and its latency.
+    pub fn request(&self, route: &str, status: u16, took: Duration) {
+        count_request(&self.families, &self.profile, route, status, took);
+    }
+
+    /// The counter of token requests on `route` that had to wait for the
+    /// refresh task (created at zero, for dashboards).
+    pub fn waited_counter(&self, route: &str) -> Counter {
         self.families
             .waited
             .get_or_create(&RouteLabels {
                 profile: self.profile.clone(),
                 route: route.to_string(),
             })
-            .inc();
+            .clone()
+    }
+
+    /// Counts a token request on `route` that had to wait for the refresh
+    /// task.
+    pub fn waited(&self, route: &str) {
+        self.waited_counter(route).inc();
     }
 
     /// Counts a forced refresh.
@@ -442,6 +466,24 @@ impl ProfileMetrics {
             })
             .inc();
     }
+}
+
+fn count_request(families: &Families, profile: &str, route: &str, status: u16, took: Duration) {
+    families
+        .token_requests
+        .get_or_create(&RequestLabels {
+            profile: profile.to_string(),
+            route: route.to_string(),
+            status,
+        })
+        .inc();
+    families
+        .request_duration
+        .get_or_create(&RouteLabels {
+            profile: profile.to_string(),
+            route: route.to_string(),
+        })
+        .observe(took.as_secs_f64());
 }
 
 impl RefreshObserver for ProfileMetrics {

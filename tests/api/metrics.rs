@@ -292,18 +292,42 @@ async fn readiness_gauge_drops_when_the_token_expires() {
     app.stop().await;
 }
 
+/// Every `klavi_sidecar_*` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("klavi_sidecar_")
+        .map(|(i, _)| {
+            text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
 #[tokio::test]
-async fn every_metric_the_alert_rules_use_is_exported() {
-    let rules = include_str!("../../deploy/prometheus/alerts.yaml");
-    let mut used = std::collections::BTreeSet::new();
-    for (i, _) in rules.match_indices("klavi_sidecar_") {
-        let name: String = rules[i..]
-            .chars()
-            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
-            .collect();
-        used.insert(name);
+async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported() {
+    let rules = metric_names(include_str!("../../deploy/prometheus/alerts.yaml"));
+    let dashboard_text = include_str!("../../deploy/grafana/klavi-token-sidecar.json");
+    let dashboard: serde_json::Value = serde_json::from_str(dashboard_text).unwrap();
+    // Every panel query filters by the profile variable and names metrics.
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(expr.contains(r#"profile=~"$profile""#), "{expr}");
+            assert!(!metric_names(expr).is_empty(), "{expr}");
+            queries += 1;
+        }
     }
-    assert!(used.len() >= 4, "{used:?}");
+    assert!(queries >= 8, "{queries} queries");
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(variables.iter().any(|v| v["name"] == "profile"));
+    let dashboard = metric_names(dashboard_text);
+    assert!(
+        rules.len() >= 4 && dashboard.len() >= 8,
+        "{rules:?} {dashboard:?}"
+    );
+    let used: std::collections::BTreeSet<String> = rules.union(&dashboard).cloned().collect();
     let app = TestApp::spawn().await;
     let response = app.http.get(app.ops_url("/metrics")).send().await.unwrap();
     let text = response.text().await.unwrap();
@@ -316,7 +340,7 @@ async fn every_metric_the_alert_rules_use_is_exported() {
     for name in used {
         assert!(
             exported.contains(&name),
-            "alerts.yaml uses {name}, which /metrics does not export"
+            "alerts.yaml or the dashboard uses {name}, which /metrics does not export"
         );
     }
     app.stop().await;

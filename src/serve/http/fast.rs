@@ -9,7 +9,6 @@
 //! servable token, an unknown profile) goes on to the router.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header;
 use tokio::time::Instant;
@@ -25,13 +24,13 @@ pub fn token_fast_path(state: AppState) -> FastPath {
             return None;
         }
         let path = request.uri().path();
-        let (endpoint, route, counter) = if path == TOKEN {
-            let endpoint = state.endpoints.default_profile()?;
-            (endpoint, TOKEN, &endpoint.ok_default_route)
+        let (endpoint, route, counter, latency) = if path == TOKEN {
+            let e = state.endpoints.default_profile()?;
+            (e, TOKEN, &e.ok_default_route, &e.latency_default_route)
         } else {
             let name = path.strip_prefix("/profiles/")?.strip_suffix(TOKEN)?;
-            let endpoint = state.endpoints.get(name)?;
-            (endpoint, PROFILE_TOKEN, &endpoint.ok_named_route)
+            let e = state.endpoints.get(name)?;
+            (e, PROFILE_TOKEN, &e.ok_named_route, &e.latency_named_route)
         };
         let headers = request.headers();
         if !state.guard.passes(request.uri(), headers)
@@ -48,11 +47,13 @@ pub fn token_fast_path(state: AppState) -> FastPath {
             .bodies
             .get(&token)
             .response(now, wants_plain_text(headers));
+        let took = now.elapsed();
         counter.inc();
+        latency.observe(took.as_secs_f64());
         if tracing::enabled!(tracing::Level::DEBUG) {
             let span = request_span(request.method(), route);
             let _entered = span.enter();
-            request_finished(200, Duration::ZERO);
+            request_finished(200, took);
         }
         Some(response)
     })

@@ -31,6 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{StatusCode, header};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -63,6 +64,10 @@ struct Endpoint {
     ok_default_route: Counter,
     /// `GET /profiles/{name}/token` answered 200.
     ok_named_route: Counter,
+    /// The latency of `GET /token` (the default profile only).
+    latency_default_route: Histogram,
+    /// The latency of `GET /profiles/{name}/token`.
+    latency_named_route: Histogram,
 }
 
 /// Every profile's endpoint.
@@ -112,9 +117,16 @@ impl AppState {
         let all = profiles
             .iter()
             .map(|profile| {
+                let metrics = profile.metrics();
+                if profile.name() == DEFAULT_PROFILE {
+                    let _ = metrics.waited_counter(TOKEN);
+                }
+                let _ = metrics.waited_counter(PROFILE_TOKEN);
                 Arc::new(Endpoint {
                     ok_default_route: profile.metrics().requests_counter(TOKEN, 200),
                     ok_named_route: profile.metrics().requests_counter(PROFILE_TOKEN, 200),
+                    latency_default_route: profile.metrics().latency_histogram(TOKEN),
+                    latency_named_route: profile.metrics().latency_histogram(PROFILE_TOKEN),
                     profile: Arc::clone(profile),
                     bodies: render::RenderCache::default(),
                 })
@@ -230,11 +242,13 @@ async fn count_request(State(state): State<AppState>, request: Request, next: Ne
     } else {
         None
     };
+    let started = tokio::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16();
+    let took = started.elapsed();
     match endpoint {
-        Some(endpoint) => endpoint.profile.metrics().request(&route, status),
-        None => state.metrics.request(&route, status),
+        Some(endpoint) => endpoint.profile.metrics().request(&route, status, took),
+        None => state.metrics.request(&route, status, took),
     }
     response
 }
