@@ -891,3 +891,34 @@ async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
     }
     h.stop().await;
 }
+
+/// Review finding: once the budget let a fetch through, a waiter whose wait
+/// ran out while that fetch hung was told `local_rate_limit`. The budget
+/// was not the reason then.
+#[tokio::test(start_paused = true)]
+async fn a_wait_during_a_fetch_in_flight_is_not_blamed_on_the_budget() {
+    let h = start(
+        budget_policy(1),
+        0.0,
+        token_step(300),
+        vec![
+            // Due again after 3 s; the budget holds the next fetch to 60 s.
+            token_step(8),
+            // That one hangs for 30 s.
+            Step::Token(secs(300), secs(30), None),
+        ],
+    );
+    settle().await;
+    sleep(secs(10)).await;
+    assert!(h.store.state().budget_held, "held by the budget");
+    let error = h.store.token_with(Duration::ZERO).await.unwrap_err();
+    assert_eq!(error.last_error, Some(Category::LocalRateLimit));
+    // The budget lets the fetch go at 60 s; it hangs.
+    sleep(secs(51)).await;
+    assert!(h.store.state().fetching);
+    assert!(!h.store.state().budget_held);
+    let error = h.store.token_with(Duration::ZERO).await.unwrap_err();
+    assert_eq!(error.reason, UnavailableReason::Timeout);
+    assert_eq!(error.last_error, None, "a fetch in flight, not the budget");
+    h.stop().await;
+}

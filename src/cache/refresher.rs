@@ -229,7 +229,13 @@ impl<S: TokenSource> Refresher<S> {
                 fingerprint = tracing::field::Empty,
                 next_attempt_in_ms = tracing::field::Empty,
             );
-            self.store.update_state(|s| s.fetching = true);
+            self.store.update_state(|s| {
+                s.fetching = true;
+                // The budget let this fetch through: nothing waits for it
+                // now, whatever a waiter's wait ends with.
+                s.budget_held = false;
+            });
+            progress.budget_held = false;
             self.observer.attempt_started();
             let started = Instant::now();
             let outcome = tokio::select! {

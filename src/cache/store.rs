@@ -392,7 +392,9 @@ impl TokenStore {
         };
         // A wait cut short by the budget says so, whatever Klavi last said.
         let last_error = match reason {
-            UnavailableReason::Failed | UnavailableReason::Timeout if state.budget_held => {
+            UnavailableReason::Failed | UnavailableReason::Timeout
+                if state.budget_held && !state.fetching =>
+            {
                 Some(Category::LocalRateLimit)
             }
             _ => state.last_error,

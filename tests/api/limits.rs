@@ -308,6 +308,122 @@ async fn join_counts(tasks: Vec<tokio::task::JoinHandle<u32>>) -> Vec<u32> {
     out
 }
 
+/// A probe on the ops listener: its latency, and whether it got a 200.
+async fn probe(addr: std::net::SocketAddr) -> (bool, Duration) {
+    let started = tokio::time::Instant::now();
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.7:8090\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        Some(response.starts_with(b"HTTP/1.1 200"))
+    };
+    let ok = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+    (ok, started.elapsed())
+}
+
+/// Review finding: clients that send pipelined requests and never read the
+/// answers held every slot (their connections were neither idle nor
+/// evictable), and kubelet's probes timed out.
+#[tokio::test]
+async fn clients_that_never_read_cannot_starve_a_probe() {
+    let app = TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
+    )
+    .await;
+    let pipelined = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(4000);
+    let mut hogs = Vec::new();
+    // The 8 slots and the whole overflow lane (16): every one a non-reader.
+    for _ in 0..24 {
+        let mut stream = TcpStream::connect(app.ops).await.unwrap();
+        let requests = pipelined.clone();
+        hogs.push(tokio::spawn(async move {
+            // Writes until the server stops reading (bounded by a timeout);
+            // never reads.
+            let _ = tokio::time::timeout(Duration::from_secs(8), stream.write_all(&requests)).await;
+            stream
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..3 {
+        let (ok, took) = probe(app.ops).await;
+        assert!(
+            ok && took < Duration::from_secs(1),
+            "probe: {ok} in {took:?}"
+        );
+    }
+    for hog in hogs {
+        hog.abort();
+    }
+    app.stop().await;
+}
+
+/// Review finding: more busy keep-alive clients than slots, reconnecting
+/// when evicted, queued ahead of the probe, each newcomer waiting half a
+/// second: the probe waited 0.5 s per client ahead of it. Now none of
+/// them is evicted, and every newcomer beyond the cap is served at once on
+/// the overflow lane, one request per connection: the probe is answered
+/// at once and no client request is lost.
+#[tokio::test]
+async fn more_busy_clients_than_slots_lose_nothing_and_cannot_starve_a_probe() {
+    let app = TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        let stop = std::sync::Arc::clone(&stop);
+        let url = app.ops_url("/healthz");
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder().no_proxy().build().unwrap();
+            let (mut ok, mut failed) = (0u32, 0u32);
+            for _ in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match http.get(&url).send().await {
+                    Ok(response) if response.status() == StatusCode::OK => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let (ok, took) = probe(app.ops).await;
+        assert!(ok, "probe failed after {took:?}");
+        worst = worst.max(took);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = (0, 0);
+    for client in clients {
+        let (ok, failed) = client.await.unwrap();
+        total = (total.0 + ok, total.1 + failed);
+    }
+    println!(
+        "busy clients: {} served, {} failed; worst probe {worst:?}",
+        total.0, total.1
+    );
+    assert!(worst < Duration::from_secs(1), "worst probe {worst:?}");
+    assert!(total.0 > 30, "{total:?}");
+    assert_eq!(total.1, 0, "no request lost: {total:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_json() {
     let app = TestApp::spawn().await;

@@ -590,6 +590,44 @@ async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
     app.stop().await;
 }
 
+/// Review finding: a forced refresh the auth budget held back answered 502
+/// upstream_error, although Klavi was never asked. It is 503
+/// token_unavailable with lastError local_rate_limit (SPEC §5.10).
+#[tokio::test]
+async fn a_forced_refresh_beyond_the_budget_is_503_local_rate_limit() {
+    let app = TestApp::spawn_with(
+        FakeKlaviConfig {
+            token_ttl: Duration::from_secs(300),
+            ..FakeKlaviConfig::default()
+        },
+        |_| {},
+        &[
+            ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
+            ("KLAVI_SIDECAR_REFRESH__MAX_AUTH_PER_MINUTE", "1"),
+        ],
+    )
+    .await;
+    let first = json(app.get_token("").await).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let response = app.refresh().await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = json(response).await;
+    assert_eq!(body["error"], "token_unavailable");
+    assert_eq!(body["lastError"], "local_rate_limit");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_auth_per_minute")
+    );
+    // The held token is still served, and Klavi was asked once.
+    let again = json(app.get_token("").await).await;
+    assert_eq!(again["accessToken"], first["accessToken"]);
+    assert_eq!(app.fake.calls(), 1);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_request_over_the_time_limit_gets_408_json() {
     use http_body_util::BodyExt;

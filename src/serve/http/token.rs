@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::accept::wants_plain_text;
 use super::{ApiError, AppState, Endpoint, PROFILE_TOKEN, TOKEN};
+use crate::cache::source::Category;
 use crate::cache::store::{Unavailable, UnavailableReason};
 use crate::ops::metrics::{ForcedOutcome, MinTtlOutcome};
 
@@ -144,7 +145,13 @@ async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
         }
         Err(unavailable) => {
             metrics.forced(ForcedOutcome::Failed);
-            ApiError::UpstreamError(unavailable).into_response()
+            // Held back by the auth budget, Klavi was never asked: that is
+            // no upstream error (502) but a token unavailable (SPEC §5.10).
+            if unavailable.last_error == Some(Category::LocalRateLimit) {
+                ApiError::TokenUnavailable(unavailable).into_response()
+            } else {
+                ApiError::UpstreamError(unavailable).into_response()
+            }
         }
     }
 }

@@ -1,0 +1,460 @@
+//! One connection as the server's limits see it: whether it is between
+//! requests, whether its client stopped reading, and how to make it close
+//! without losing a request.
+//!
+//! Only two kinds of connection are ever evicted at the cap: one that has
+//! sent nothing for [`FRESH_GRACE`] since it was accepted (an idle or
+//! half-sent flood), and one whose client has not read its responses for
+//! that long (writes blocked: the client is not being served anyway). A
+//! keep-alive connection that has served requests and whose client reads
+//! is never evicted: taking it between two requests would lose the next
+//! one, which the client has perhaps already written.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tower::ServiceExt as _;
+
+/// A fresh connection gets this long to send a request, and a client this
+/// long to read a response, before its slot may go to a newcomer: real
+/// clients write right after connecting and read what they asked for, so a
+/// burst loses no request, while idle, slow-header and non-reading
+/// connections lose their slot long before any timeout.
+pub const FRESH_GRACE: Duration = Duration::from_millis(500);
+
+/// One open connection.
+#[derive(Debug)]
+pub struct Connection {
+    /// Requests in progress on it.
+    busy: AtomicUsize,
+    /// Its last read found nothing to read: the client is not sending.
+    waiting: AtomicBool,
+    /// It has answered a request.
+    served: AtomicBool,
+    /// When it was accepted.
+    accepted_at: Instant,
+    /// Microseconds after `accepted_at`, plus one, at which a write
+    /// started waiting for the client to read; 0 while writes go through.
+    write_blocked_at: AtomicU64,
+    /// Asked to close.
+    evicted: AtomicBool,
+    /// Wakes the connection's task to close it.
+    pub(super) evict: Notify,
+    /// Its slot under `max_connections`; handed straight to the newcomer
+    /// when the connection is evicted, so the newcomer need not wait for
+    /// the close to finish. `None` for a connection of the overflow lane.
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Connection {
+    /// A connection accepted at `accepted_at`, holding `slot`.
+    pub fn new(slot: Option<OwnedSemaphorePermit>, accepted_at: Instant) -> Self {
+        Self {
+            busy: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            served: AtomicBool::new(false),
+            accepted_at,
+            write_blocked_at: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+            slot: Mutex::new(slot),
+        }
+    }
+
+    /// Its client has not read what it was sent for at least `for_at_least`.
+    pub fn write_blocked(&self, now: Instant, for_at_least: Duration) -> bool {
+        match self.write_blocked_at.load(Ordering::Acquire) {
+            0 => false,
+            at => {
+                let since = self.accepted_at + Duration::from_micros(at - 1);
+                now.saturating_duration_since(since) >= for_at_least
+            }
+        }
+    }
+
+    fn note_write(&self, pending: bool) {
+        if !pending {
+            self.write_blocked_at.store(0, Ordering::Release);
+        } else if self.write_blocked_at.load(Ordering::Acquire) == 0 {
+            let micros = self.accepted_at.elapsed().as_micros();
+            let at = u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1;
+            self.write_blocked_at.store(at, Ordering::Release);
+        }
+    }
+
+    /// May its slot go to a newcomer at `now`: a silent newcomer past its
+    /// grace, or a client that stopped reading. The key orders candidates,
+    /// oldest first.
+    fn evictable(&self, now: Instant) -> Option<Instant> {
+        if self.evicted.load(Ordering::Acquire) {
+            return None;
+        }
+        let silent_newcomer = self.busy.load(Ordering::Acquire) == 0
+            && self.waiting.load(Ordering::Acquire)
+            && !self.served.load(Ordering::Acquire)
+            && now.saturating_duration_since(self.accepted_at) >= FRESH_GRACE;
+        (silent_newcomer || self.write_blocked(now, FRESH_GRACE)).then_some(self.accepted_at)
+    }
+
+    /// Whether it was asked to close.
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+}
+
+/// The open connections of a listener's regular slots, oldest first.
+#[derive(Debug, Default)]
+pub struct Registry {
+    open: Mutex<VecDeque<Arc<Connection>>>,
+}
+
+impl Registry {
+    /// Registers a connection accepted now into `slot`.
+    pub fn add(&self, slot: OwnedSemaphorePermit) -> Arc<Connection> {
+        self.add_accepted(slot, Instant::now())
+    }
+
+    fn add_accepted(&self, slot: OwnedSemaphorePermit, accepted_at: Instant) -> Arc<Connection> {
+        let connection = Arc::new(Connection::new(Some(slot), accepted_at));
+        self.lock().push_back(Arc::clone(&connection));
+        connection
+    }
+
+    /// Forgets a closed connection and frees its slot (unless an eviction
+    /// already handed the slot on).
+    pub fn remove(&self, connection: &Arc<Connection>) {
+        let mut open = self.lock();
+        if let Some(i) = open.iter().position(|c| Arc::ptr_eq(c, connection)) {
+            open.remove(i);
+        }
+        drop(
+            connection
+                .slot
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+    }
+
+    /// Asks the oldest evictable connection to close and takes its slot,
+    /// if there is one.
+    pub fn evict_one(&self) -> Option<OwnedSemaphorePermit> {
+        let now = Instant::now();
+        let open = self.lock();
+        let victim = open
+            .iter()
+            .filter_map(|c| Some((c.evictable(now)?, c)))
+            .min_by_key(|(accepted_at, _)| *accepted_at)
+            .map(|(_, c)| c)?;
+        victim.evicted.store(true, Ordering::Release);
+        victim.evict.notify_one();
+        victim
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Connection>>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Counts a request as in progress on its connection until dropped.
+struct Busy(Arc<Connection>);
+
+impl Busy {
+    fn new(connection: &Arc<Connection>) -> Self {
+        connection.busy.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(connection))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.served.store(true, Ordering::Release);
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The socket, recording on its connection whether the last read found
+/// nothing to read and whether writes wait for the client, and reading as
+/// closed once evicted with nothing to read.
+pub struct Watched {
+    stream: TcpStream,
+    connection: Arc<Connection>,
+}
+
+impl Watched {
+    /// `stream`, watched for `connection`.
+    pub fn new(stream: TcpStream, connection: Arc<Connection>) -> Self {
+        Self { stream, connection }
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if result.is_pending() && self.connection.is_evicted() {
+            // Evicted, and the client is sending nothing right now: end the
+            // connection as if the client had closed it. Closing it from
+            // outside instead could leave a request that arrived since the
+            // last read unread, and the close would reset it.
+            return Poll::Ready(Ok(()));
+        }
+        let waiting = match &result {
+            Poll::Pending => true,
+            Poll::Ready(Ok(())) => buf.filled().len() == before,
+            Poll::Ready(Err(_)) => true,
+        };
+        self.connection.waiting.store(waiting, Ordering::Release);
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.connection.note_write(result.is_pending());
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.connection.note_write(result.is_pending());
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Answers the requests it can answer at once, without the router and its
+/// middleware (the `GET /token` hot path); `None` sends the request on to
+/// the router. It must answer exactly as the router would.
+pub type FastPath =
+    Arc<dyn Fn(&http::Request<Incoming>) -> Option<http::Response<Body>> + Send + Sync>;
+
+/// The router as a hyper service that marks its connection busy while a
+/// request is in progress.
+#[derive(Clone)]
+pub struct Tracked {
+    router: Router,
+    fast: Option<FastPath>,
+    connection: Arc<Connection>,
+}
+
+impl Tracked {
+    /// Serves `router` (after `fast`) on `connection`.
+    pub fn new(router: Router, fast: Option<FastPath>, connection: Arc<Connection>) -> Self {
+        Self {
+            router,
+            fast,
+            connection,
+        }
+    }
+}
+
+/// A response now (fast path), or the router's future.
+pub enum ResponseFuture {
+    Ready(Option<http::Response<Body>>),
+    Routed(Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>),
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Ready(response) => Poll::Ready(Ok(response.take().unwrap_or_default())),
+            Self::Routed(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for Tracked {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        if let Some(response) = self.fast.as_ref().and_then(|fast| fast(&request)) {
+            self.connection.served.store(true, Ordering::Release);
+            return ResponseFuture::Ready(Some(response));
+        }
+        let busy = Busy::new(&self.connection);
+        let response = self.router.clone().oneshot(request.map(Body::new));
+        ResponseFuture::Routed(Box::pin(async move {
+            let response = response.await;
+            drop(busy);
+            response
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::Semaphore;
+
+    /// A connected pair on loopback: (client, server side as `Watched`),
+    /// the server side's connection already evicted.
+    async fn evicted_pair() -> (TcpStream, Watched) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let slot = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let connection = Registry::default().add(slot);
+        connection.evicted.store(true, Ordering::Release);
+        (client, Watched { stream, connection })
+    }
+
+    /// (served, busy, waiting, accepted this long ago, writes blocked this
+    /// long ago)
+    type Shape = (bool, usize, bool, Duration, Option<Duration>);
+
+    fn registry_of(shapes: &[Shape]) -> Registry {
+        let registry = Registry::default();
+        let slots = Arc::new(Semaphore::new(shapes.len()));
+        for (served, busy, waiting, age, blocked) in shapes {
+            let slot = Arc::clone(&slots).try_acquire_owned().unwrap();
+            let connection = registry.add_accepted(slot, Instant::now() - *age);
+            connection.served.store(*served, Ordering::Release);
+            connection.busy.store(*busy, Ordering::Release);
+            connection.waiting.store(*waiting, Ordering::Release);
+            if let Some(blocked) = blocked {
+                let at = (*age - *blocked).as_micros() as u64 + 1;
+                connection.write_blocked_at.store(at, Ordering::Release);
+            }
+        }
+        registry
+    }
+
+    /// Which connection (by index) is evicted, for each shape of the open
+    /// set.
+    #[tokio::test(start_paused = true)]
+    async fn eviction_choice_table() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        let cases: Vec<(Vec<Shape>, Option<usize>)> = vec![
+            // Keep-alive connections of clients that read: never, idle or
+            // busy (taking one between requests loses the next request).
+            (
+                vec![(true, 0, true, s(9), None), (true, 1, false, s(9), None)],
+                None,
+            ),
+            // A silent newcomer past its grace: the oldest first.
+            (
+                vec![
+                    (true, 0, true, s(9), None),
+                    (false, 0, true, s(2), None),
+                    (false, 0, true, s(3), None),
+                ],
+                Some(2),
+            ),
+            // Inside its grace it is kept: a burst about to send.
+            (vec![(false, 0, true, ms(100), None)], None),
+            // Sending (half a request in): not yet silent.
+            (vec![(false, 0, false, s(2), None)], None),
+            // A client that stopped reading, past the grace: even if it has
+            // served requests, even mid-request.
+            (
+                vec![
+                    (true, 0, true, s(9), None),
+                    (true, 1, false, s(5), Some(s(1))),
+                ],
+                Some(1),
+            ),
+            (vec![(true, 0, false, s(5), Some(ms(100)))], None),
+        ];
+        for (shapes, expected) in cases {
+            let registry = registry_of(&shapes);
+            let evicted = registry
+                .evict_one()
+                .map(|_| registry.lock().iter().position(|c| c.is_evicted()).unwrap());
+            assert_eq!(evicted, expected, "{shapes:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_with_nothing_sent_reads_as_closed() {
+        let (_client, mut watched) = evicted_pair().await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), watched.read(&mut buf)).await;
+        assert_eq!(read.unwrap().unwrap(), 0, "end of stream at once");
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_still_reads_a_request_already_sent() {
+        let (mut client, mut watched) = evicted_pair().await;
+        client.write_all(b"GET /token HTTP/1.1\r\n").await.unwrap();
+        watched.stream.readable().await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = watched.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET /token HTTP/1.1\r\n");
+        assert!(!watched.connection.waiting.load(Ordering::Acquire));
+        // Then nothing more: closed.
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_blocks_writes_and_is_noticed() {
+        let (client, mut watched) = evicted_pair().await;
+        let chunk = vec![b'x'; 64 * 1024];
+        // Write until the kernel's buffers are full (bounded).
+        let mut blocked = false;
+        for _ in 0..4096 {
+            match tokio::time::timeout(Duration::from_millis(50), watched.write(&chunk)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => panic!("{error}"),
+                Err(_) => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        assert!(blocked, "the buffers filled");
+        let connection = Arc::clone(&watched.connection);
+        assert!(connection.write_blocked(Instant::now(), Duration::ZERO));
+        assert!(!connection.write_blocked(Instant::now(), Duration::from_secs(60)));
+        drop(client);
+    }
+}
