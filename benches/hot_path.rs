@@ -52,6 +52,7 @@ fn get_token(c: &mut Criterion) {
             let router = router.clone();
             async move {
                 let request = Request::get("/token")
+                    .header("host", "localhost")
                     .header("klavi-sidecar", "true")
                     .body(Body::empty())
                     .unwrap_or_default();
@@ -74,6 +75,7 @@ fn get_token(c: &mut Criterion) {
             let router = router.clone();
             async move {
                 let request = Request::get("/token")
+                    .header("host", "localhost")
                     .body(Body::empty())
                     .unwrap_or_default();
                 black_box(router.oneshot(request).await.map(|r| r.status()))

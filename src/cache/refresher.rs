@@ -100,8 +100,10 @@ struct Progress {
     /// When the last failed attempt ended: the next one waits at least
     /// `backoff_initial` from then, key-file changes included (§5.9).
     failed_at: Option<Instant>,
-    /// The category last logged, so a failure is logged once per change.
-    logged_failure: Option<Category>,
+    /// The categories logged since the last success: a failure is logged
+    /// at warn level once per category and episode, so a Klavi alternating
+    /// between two answers does not log every attempt.
+    logged_failures: Vec<Category>,
     /// The budget is holding a wanted fetch back (logged and counted once
     /// per episode).
     budget_held: bool,
@@ -309,7 +311,7 @@ impl<S: TokenSource> Refresher<S> {
         } else {
             progress.degenerate = 0;
             progress.backoff_until = None;
-            if progress.logged_failure.take().is_some() {
+            if !std::mem::take(&mut progress.logged_failures).is_empty() {
                 tracing::info!("token refresh recovered");
             }
             tracing::info!(
@@ -349,8 +351,8 @@ impl<S: TokenSource> Refresher<S> {
         progress.backoff_until = Some(next);
         progress.failed_at = Some(now);
         let servable = self.store.servable(now).is_some();
-        if progress.logged_failure != Some(category) {
-            progress.logged_failure = Some(category);
+        if !progress.logged_failures.contains(&category) {
+            progress.logged_failures.push(category);
             tracing::warn!(
                 category = category.as_str(),
                 error = %error,

@@ -197,6 +197,36 @@ fn hostile_environment_values_are_errors_not_panics() {
 }
 
 #[test]
+fn allowed_hosts_are_host_names_or_addresses() {
+    for (host, normalised) in [
+        ("sidecar.internal", Some("sidecar.internal")),
+        ("Sidecar.Internal", Some("sidecar.internal")),
+        ("a-b.c", Some("a-b.c")),
+        ("10.0.0.5", Some("10.0.0.5")),
+        ("[fd00:0::1]", Some("[fd00::1]")),
+        ("[::ffff:10.0.0.1]", Some("[::ffff:10.0.0.1]")),
+        ("-", None),
+        ("...", None),
+        ("a..b", None),
+        ("-a.b", None),
+        ("a_b", None),
+        ("evil.example.", None),
+        ("0.0.0.0", None),
+        ("[::]", None),
+        ("[fd00::1", None),
+        ("host:8089", None),
+        ("http://x", None),
+        ("", None),
+    ] {
+        assert_eq!(
+            validate::normalised_host(host).as_deref(),
+            normalised,
+            "{host:?}"
+        );
+    }
+}
+
+#[test]
 fn allowed_hosts_from_env_and_file() {
     let config = load(&with_keys(&[(
         "KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS",
@@ -454,7 +484,7 @@ fn bad_configurations_name_the_key() {
         (
             with_keys(&[("KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS", "host:8089")]),
             "server.allowed_hosts",
-            "no scheme, port or path",
+            "no scheme, port",
         ),
         (
             Sources {

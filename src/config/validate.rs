@@ -330,32 +330,46 @@ fn auth_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
     Url::parse(&joined).map_err(|e| ConfigError::new(path_key, format!("{:?}: {e}", raw.auth_path)))
 }
 
-/// `server.allowed_hosts`, checked and lower-cased: host names or IP
-/// literals (IPv6 in brackets), without a port (any port is accepted).
+/// `server.allowed_hosts`, checked and normalised: host names (RFC 1123
+/// labels, no trailing dot), IPv4 literals, or IPv6 literals in brackets
+/// (kept in their canonical form, so `[fd00:0::1]` and `[fd00::1]` are one
+/// host); no port (any port is accepted), and never an unspecified address.
 fn allowed_hosts(hosts: &[String]) -> Result<Vec<String>, ConfigError> {
     hosts
         .iter()
         .map(|host| {
-            let host = host.trim();
-            let bracketed_v6 = host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
-            let name = !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
-            if bracketed_v6 || name {
-                Ok(host.to_ascii_lowercase())
-            } else {
-                Err(ConfigError::new(
+            normalised_host(host.trim()).ok_or_else(|| {
+                ConfigError::new(
                     "server.allowed_hosts",
                     format!(
-                        "{host:?} is not a host name (e.g. \"sidecar.internal\", or \"[fd00::1]\" \
-                         for IPv6; no scheme, port or path)"
+                        "{host:?} is not a host name or IP address (e.g. \"sidecar.internal\", \
+                         \"10.0.0.5\", or \"[fd00::1]\" for IPv6; no scheme, port, path or trailing \
+                         dot, and not 0.0.0.0 or [::])"
                     ),
-                ))
-            }
+                )
+            })
         })
         .collect()
+}
+
+/// `host` lower-cased, an IPv6 literal in canonical form; `None` if it is
+/// no host name or address, or an unspecified one.
+pub(crate) fn normalised_host(host: &str) -> Option<String> {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        let ip: std::net::Ipv6Addr = inner.parse().ok()?;
+        return (!ip.is_unspecified()).then(|| format!("[{ip}]"));
+    }
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        return (!ip.is_unspecified()).then(|| ip.to_string());
+    }
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let is_name = (1..=253).contains(&host.len()) && host.split('.').all(label_ok);
+    is_name.then(|| host.to_ascii_lowercase())
 }

@@ -660,6 +660,7 @@ async fn a_request_over_the_time_limit_gets_408_json() {
     state.request_timeout = Duration::from_millis(50);
     let router = token_router(state);
     let request = http::Request::get("/token")
+        .header("host", "localhost")
         .header(HEADER.0, HEADER.1)
         .body(axum::body::Body::empty())
         .unwrap();
@@ -710,6 +711,7 @@ async fn the_hot_path_answers_exactly_as_the_router_does() {
         let routed = token_router(AppState::single(store, Duration::from_secs(5)))
             .oneshot(
                 http::Request::get("/token")
+                    .header("host", "localhost")
                     .header(HEADER.0, HEADER.1)
                     .header("Accept", accept)
                     .body(axum::body::Body::empty())

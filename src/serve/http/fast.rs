@@ -33,7 +33,7 @@ pub fn token_fast_path(state: AppState) -> FastPath {
             (e, PROFILE_TOKEN, &e.ok_named_route, &e.latency_named_route)
         };
         let headers = request.headers();
-        if !state.guard.passes(request.uri(), headers)
+        if !state.guard.passes(request)
             || headers.contains_key(header::TRANSFER_ENCODING)
             || headers
                 .get(header::CONTENT_LENGTH)

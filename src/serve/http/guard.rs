@@ -44,11 +44,11 @@ impl Default for Guard {
 
 impl Guard {
     /// Why a token request is refused, if it is.
-    fn refusal(&self, uri: &Uri, headers: &HeaderMap) -> Option<ApiError> {
+    fn refusal(&self, version: http::Version, uri: &Uri, headers: &HeaderMap) -> Option<ApiError> {
         if headers.contains_key(X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED) {
             return Some(ApiError::ProxiedRequest);
         }
-        if !self.host_allowed(uri, headers) {
+        if !self.host_allowed(version, uri, headers) {
             return Some(ApiError::HostNotAllowed);
         }
         if self.require_header
@@ -62,29 +62,48 @@ impl Guard {
     }
 
     /// Whether a token request passes the guard.
-    pub fn passes(&self, uri: &Uri, headers: &HeaderMap) -> bool {
-        self.refusal(uri, headers).is_none()
+    pub fn passes<B>(&self, request: &http::Request<B>) -> bool {
+        self.refusal(request.version(), request.uri(), request.headers())
+            .is_none()
     }
 
     /// Every host the request names (the `Host` headers and an
-    /// absolute-form target's authority) is loopback or allowed. A request
-    /// naming none (HTTP/1.0) is not from a browser and passes.
-    fn host_allowed(&self, uri: &Uri, headers: &HeaderMap) -> bool {
+    /// absolute-form target's authority) is loopback or allowed. An
+    /// HTTP/1.0 request naming none is not from a browser and passes; an
+    /// HTTP/1.1 one must name its host (RFC 9112 §3.2).
+    fn host_allowed(&self, version: http::Version, uri: &Uri, headers: &HeaderMap) -> bool {
         let named = headers
             .get_all(header::HOST)
             .iter()
             .map(HeaderValue::as_bytes)
             .chain(uri.authority().map(|a| a.as_str().as_bytes()));
+        let mut any = false;
         for authority in named {
+            any = true;
             match host_of(authority) {
                 Some(host) if is_loopback_name(host) || self.is_allowed(host) => {}
                 _ => return false,
             }
         }
-        true
+        any || version < http::Version::HTTP_11
     }
 
     fn is_allowed(&self, host: &[u8]) -> bool {
+        if self.allowed_hosts.is_empty() {
+            return false;
+        }
+        // IPv6 literals compare by address, whatever their spelling.
+        if host.first() == Some(&b'[')
+            && let Some(canonical) = std::str::from_utf8(host).ok().and_then(|h| {
+                h.strip_prefix('[')?
+                    .strip_suffix(']')?
+                    .parse::<Ipv6Addr>()
+                    .ok()
+            })
+        {
+            let canonical = format!("[{canonical}]");
+            return self.allowed_hosts.contains(&canonical);
+        }
         self.allowed_hosts
             .iter()
             .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(host))
@@ -139,7 +158,8 @@ pub async fn token_route_guard(
     request: Request,
     next: Next,
 ) -> Response {
-    let mut response = match guard.refusal(request.uri(), request.headers()) {
+    let refused = guard.refusal(request.version(), request.uri(), request.headers());
+    let mut response = match refused {
         Some(error) => error.into_response(),
         None => next.run(request).await,
     };
@@ -155,7 +175,7 @@ mod tests {
     fn host_table() {
         let guard = Guard {
             require_header: false,
-            allowed_hosts: Arc::from(["sidecar.internal".to_string()]),
+            allowed_hosts: Arc::from(["sidecar.internal".to_string(), "[fd00::1]".to_string()]),
         };
         // (Host headers, target, passes)
         let cases: Vec<(Vec<&str>, &str, bool)> = vec![
@@ -186,17 +206,32 @@ mod tests {
             // An absolute-form target names a host too.
             (vec!["localhost"], "http://evil.example/token", false),
             (vec!["localhost"], "http://127.0.0.1:8089/token", true),
+            // IPv6 literals compare by address.
+            (vec!["[fd00::1]:8089"], "/token", true),
+            (vec!["[fd00:0::1]"], "/token", true),
+            (vec!["[FD00:0:0:0:0:0:0:1]"], "/token", true),
+            (vec!["[fd00::2]"], "/token", false),
         ];
         for (hosts, target, passes) in cases {
             let mut headers = HeaderMap::new();
             for host in &hosts {
                 headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
             }
-            let uri: Uri = target.parse().unwrap();
+            let mut request = http::Request::get(target).body(()).unwrap();
+            *request.headers_mut() = headers;
+            // Without any Host, an HTTP/1.1 request is refused, an
+            // HTTP/1.0 one passes.
+            let expected = passes && (!hosts.is_empty() || request.uri().authority().is_some());
             assert_eq!(
-                guard.passes(&uri, &headers),
-                passes,
+                guard.passes(&request),
+                expected,
                 "Host {hosts:?} target {target}"
+            );
+            *request.version_mut() = http::Version::HTTP_10;
+            assert_eq!(
+                guard.passes(&request),
+                passes,
+                "HTTP/1.0 {hosts:?} {target}"
             );
         }
     }
@@ -210,10 +245,20 @@ mod tests {
             for (name, value) in pairs {
                 headers.append(*name, HeaderValue::from_static(value));
             }
-            guard.refusal(&uri, &headers)
+            guard.refusal(http::Version::HTTP_11, &uri, &headers)
         };
-        assert_eq!(refusal(&[]), Some(ApiError::MissingHeader));
-        assert_eq!(refusal(&[("klavi-sidecar", "TRUE")]), None);
+        assert_eq!(
+            refusal(&[("host", "localhost")]),
+            Some(ApiError::MissingHeader)
+        );
+        assert_eq!(
+            refusal(&[("klavi-sidecar", "TRUE"), ("host", "localhost")]),
+            None
+        );
+        assert_eq!(
+            refusal(&[("klavi-sidecar", "true")]),
+            Some(ApiError::HostNotAllowed)
+        );
         assert_eq!(
             refusal(&[("klavi-sidecar", "true"), ("host", "evil.example")]),
             Some(ApiError::HostNotAllowed)
