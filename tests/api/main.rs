@@ -6,10 +6,12 @@
 // These tests compare what the sidecar reports with the real clocks.
 #![allow(clippy::disallowed_methods)]
 
+mod forced_refresh;
 mod helpers;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod min_ttl;
 mod profiles;
 mod routes;
 mod upstream;

@@ -1,0 +1,97 @@
+//! Profiles through the real binary: two fake-klavi processes with their
+//! own keys, one sidecar with a second profile from the environment.
+
+use super::*;
+
+fn body_of(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+}
+
+#[test]
+fn two_profiles_through_the_binary_each_served_and_reported() {
+    let start_fake = |access: &str, secret: &str| {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let fake = Captured::spawn(sidecar(
+            &[
+                "fake-klavi",
+                "--listen",
+                &addr,
+                "--access-key",
+                access,
+                "--secret-key",
+                secret,
+            ],
+            &[],
+        ));
+        fake.wait_for_line("fake Klavi listening");
+        (fake, format!("http://{addr}"))
+    };
+    let (product_fake, product_url) = start_fake("product-ak", "product-sk");
+    let (mgmt_fake, mgmt_url) = start_fake("mgmt-ak", "mgmt-sk");
+    let (token_port, ops_port) = (free_port(), free_port());
+    let (token, ops) = (
+        format!("127.0.0.1:{token_port}"),
+        format!("127.0.0.1:{ops_port}"),
+    );
+    let env = [
+        ("KLAVI_ACCESS_KEY", "product-ak"),
+        ("KLAVI_SECRET_KEY", "product-sk"),
+        ("KLAVI_SIDECAR_KLAVI__BASE_URL", product_url.as_str()),
+        ("KLAVI_SIDECAR_PROFILES__MGMT__BASE_URL", mgmt_url.as_str()),
+        ("KLAVI_SIDECAR_PROFILES__MGMT__ACCESS_KEY", "mgmt-ak"),
+        ("KLAVI_SIDECAR_PROFILES__MGMT__SECRET_KEY", "mgmt-sk"),
+    ];
+    // check-config prints both profiles, redacted.
+    let output = run(&["check-config"], &env);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let printed: toml::Table = toml::from_str(&text(&output.stdout)).unwrap();
+    assert_eq!(
+        printed["profiles"]["mgmt"]["base_url"].as_str(),
+        Some(mgmt_url.as_str())
+    );
+    assert_eq!(
+        printed["profiles"]["mgmt"]["secret_key"].as_str(),
+        Some("[REDACTED]")
+    );
+    assert!(!text(&output.stdout).contains("mgmt-sk"));
+
+    let service = Captured::spawn(sidecar(
+        &["run", "--listen", &token, "--ops-listen", &ops],
+        &env,
+    ));
+    service.wait_for_line("klavi-token-sidecar started");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (product, mgmt) = loop {
+        let product = get(&token, "/token");
+        let mgmt = get(&token, "/profiles/mgmt/token");
+        if product.starts_with("HTTP/1.1 200") && mgmt.starts_with("HTTP/1.1 200") {
+            break (body_of(&product), body_of(&mgmt));
+        }
+        assert!(Instant::now() < deadline, "{product}\n{mgmt}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_ne!(product["accessToken"], mgmt["accessToken"]);
+    let ready = get(&ops, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let ready = body_of(&ready);
+    assert_eq!(ready["profiles"]["default"]["status"], "ready");
+    assert_eq!(ready["profiles"]["mgmt"]["status"], "ready");
+    let metrics = get(&ops, "/metrics");
+    for series in [
+        r#"klavi_sidecar_ready{profile="default"} 1"#,
+        r#"klavi_sidecar_ready{profile="mgmt"} 1"#,
+        r#"klavi_sidecar_refresh_total{profile="mgmt",result="success",category="none"} 1"#,
+        r#"klavi_sidecar_token_requests_total{profile="mgmt",route="/profiles/{name}/token",status="200"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from {metrics}");
+    }
+    let log = service.stop();
+    assert!(log.contains("profiles=default,mgmt"), "{log}");
+    for secret in ["product-sk", "mgmt-sk"] {
+        assert!(!log.contains(secret), "{secret} leaked");
+    }
+    product_fake.stop();
+    mgmt_fake.stop();
+}
