@@ -156,53 +156,65 @@ impl RawKlavi {
     }
 }
 
-/// `[refresh]`: the refresh policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawRefresh {
-    /// Default `60`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub refresh_before_secs: u64,
-    /// Default `0.1`.
-    #[serde(deserialize_with = "super::lenient::f64")]
-    pub jitter_ratio: f64,
-    /// Default `5`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub serve_margin_secs: u64,
-    /// Default `500`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub backoff_initial_ms: u64,
-    /// Default `30`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub backoff_max_secs: u64,
-    /// Default `5`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub min_interval_secs: u64,
-    /// Default `5000`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub wait_ms: u64,
-    /// Default `60`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub max_auth_per_minute: u64,
-    /// Default `300`.
-    #[serde(deserialize_with = "super::lenient::u64")]
-    pub fallback_ttl_secs: u64,
+/// `[refresh]` and its per-profile overrides from one list of keys: each
+/// key's type, default and lenient reader are written once.
+macro_rules! refresh_keys {
+    ($($(#[$doc:meta])* $key:ident: $ty:ty = $default:expr, $read:literal, $read_opt:literal;)*) => {
+        /// `[refresh]`: the refresh policy.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct RawRefresh {
+            $($(#[$doc])* #[serde(deserialize_with = $read)] pub $key: $ty,)*
+        }
+
+        impl Default for RawRefresh {
+            fn default() -> Self {
+                Self { $($key: $default,)* }
+            }
+        }
+
+        /// `[profiles.NAME.refresh]`: any `[refresh]` key, each absent
+        /// unless set.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct RawRefreshOverrides {
+            $(#[serde(skip_serializing_if = "Option::is_none", deserialize_with = $read_opt)]
+            $key: Option<$ty>,)*
+        }
+
+        impl RawRefreshOverrides {
+            /// `base` with these overrides applied.
+            pub fn over(&self, base: &RawRefresh) -> RawRefresh {
+                RawRefresh { $($key: self.$key.unwrap_or(base.$key),)* }
+            }
+
+            /// Every key set, as overrides (for printing a profile in full).
+            fn all(refresh: &RawRefresh) -> Self {
+                Self { $($key: Some(refresh.$key),)* }
+            }
+        }
+    };
 }
 
-impl Default for RawRefresh {
-    fn default() -> Self {
-        Self {
-            refresh_before_secs: 60,
-            jitter_ratio: 0.1,
-            serve_margin_secs: 5,
-            backoff_initial_ms: 500,
-            backoff_max_secs: 30,
-            min_interval_secs: 5,
-            wait_ms: 5000,
-            max_auth_per_minute: 60,
-            fallback_ttl_secs: 300,
-        }
-    }
+refresh_keys! {
+    /// Default `60`.
+    refresh_before_secs: u64 = 60, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `0.1`.
+    jitter_ratio: f64 = 0.1, "super::lenient::f64", "super::lenient::opt_f64";
+    /// Default `5`.
+    serve_margin_secs: u64 = 5, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `500`.
+    backoff_initial_ms: u64 = 500, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `30`.
+    backoff_max_secs: u64 = 30, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `5`.
+    min_interval_secs: u64 = 5, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `5000`.
+    wait_ms: u64 = 5000, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `60`.
+    max_auth_per_minute: u64 = 60, "super::lenient::u64", "super::lenient::opt_u64";
+    /// Default `300`.
+    fallback_ttl_secs: u64 = 300, "super::lenient::u64", "super::lenient::opt_u64";
 }
 
 /// `[profiles.NAME]`: every `[klavi]` key, each absent unless set. The
@@ -264,90 +276,9 @@ pub struct RawProfile {
     pub refresh: RawRefreshOverrides,
 }
 
-/// `[profiles.NAME.refresh]`: any `[refresh]` key, each absent unless set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawRefreshOverrides {
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    refresh_before_secs: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_f64"
-    )]
-    jitter_ratio: Option<f64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    serve_margin_secs: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    backoff_initial_ms: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    backoff_max_secs: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    min_interval_secs: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    wait_ms: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    max_auth_per_minute: Option<u64>,
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "super::lenient::opt_u64"
-    )]
-    fallback_ttl_secs: Option<u64>,
-}
-
 impl RawRefreshOverrides {
     fn is_empty(&self) -> bool {
         *self == Self::default()
-    }
-
-    /// `base` with these overrides applied.
-    pub fn over(&self, base: &RawRefresh) -> RawRefresh {
-        RawRefresh {
-            refresh_before_secs: self.refresh_before_secs.unwrap_or(base.refresh_before_secs),
-            jitter_ratio: self.jitter_ratio.unwrap_or(base.jitter_ratio),
-            serve_margin_secs: self.serve_margin_secs.unwrap_or(base.serve_margin_secs),
-            backoff_initial_ms: self.backoff_initial_ms.unwrap_or(base.backoff_initial_ms),
-            backoff_max_secs: self.backoff_max_secs.unwrap_or(base.backoff_max_secs),
-            min_interval_secs: self.min_interval_secs.unwrap_or(base.min_interval_secs),
-            wait_ms: self.wait_ms.unwrap_or(base.wait_ms),
-            max_auth_per_minute: self.max_auth_per_minute.unwrap_or(base.max_auth_per_minute),
-            fallback_ttl_secs: self.fallback_ttl_secs.unwrap_or(base.fallback_ttl_secs),
-        }
-    }
-
-    /// Every key set, as overrides (for printing a profile in full).
-    fn all(refresh: &RawRefresh) -> Self {
-        Self {
-            refresh_before_secs: Some(refresh.refresh_before_secs),
-            jitter_ratio: Some(refresh.jitter_ratio),
-            serve_margin_secs: Some(refresh.serve_margin_secs),
-            backoff_initial_ms: Some(refresh.backoff_initial_ms),
-            backoff_max_secs: Some(refresh.backoff_max_secs),
-            min_interval_secs: Some(refresh.min_interval_secs),
-            wait_ms: Some(refresh.wait_ms),
-            max_auth_per_minute: Some(refresh.max_auth_per_minute),
-            fallback_ttl_secs: Some(refresh.fallback_ttl_secs),
-        }
     }
 }
 

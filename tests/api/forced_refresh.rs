@@ -3,22 +3,14 @@
 
 use std::time::Duration;
 
-use klavi_token_sidecar::fake_klavi::{FakeKlaviConfig, Outcome};
+use klavi_token_sidecar::fake_klavi::Outcome;
 use reqwest::StatusCode;
 
 use crate::helpers::{HEADER, TestApp, concurrent, json};
 
 #[tokio::test]
 async fn forced_refresh_is_coalesced_and_rate_limited() {
-    let app = TestApp::spawn_with(
-        FakeKlaviConfig {
-            token_ttl: Duration::from_secs(300),
-            ..FakeKlaviConfig::default()
-        },
-        |_| {},
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
-    )
-    .await;
+    let app = TestApp::spawn_env(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")]).await;
     let first = json(app.get_token("").await).await;
     // Within min_interval: the same token, Klavi not called.
     let response = app.refresh().await;
@@ -59,15 +51,7 @@ async fn forced_refresh_is_coalesced_and_rate_limited() {
 
 #[tokio::test]
 async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
-    let app = TestApp::spawn_with(
-        FakeKlaviConfig {
-            token_ttl: Duration::from_secs(300),
-            ..FakeKlaviConfig::default()
-        },
-        |_| {},
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
-    )
-    .await;
+    let app = TestApp::spawn_env(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")]).await;
     let first = json(app.get_token("").await).await;
     app.fake.set_default(Outcome::status(500));
     // Past min_interval, so the forced refresh calls Klavi.
@@ -88,17 +72,10 @@ async fn a_failed_forced_refresh_is_502_and_the_old_token_stays() {
 /// token_unavailable with lastError local_rate_limit (SPEC §5.10).
 #[tokio::test]
 async fn a_forced_refresh_beyond_the_budget_is_503_local_rate_limit() {
-    let app = TestApp::spawn_with(
-        FakeKlaviConfig {
-            token_ttl: Duration::from_secs(300),
-            ..FakeKlaviConfig::default()
-        },
-        |_| {},
-        &[
-            ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
-            ("KLAVI_SIDECAR_REFRESH__MAX_AUTH_PER_MINUTE", "1"),
-        ],
-    )
+    let app = TestApp::spawn_env(&[
+        ("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1"),
+        ("KLAVI_SIDECAR_REFRESH__MAX_AUTH_PER_MINUTE", "1"),
+    ])
     .await;
     let first = json(app.get_token("").await).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -85,13 +85,19 @@ impl TestApp {
 
     /// A default app: 300 s tokens.
     pub async fn spawn() -> Self {
+        Self::spawn_env(&[]).await
+    }
+
+    /// An app against a fake issuing 300 s tokens, with `extra`
+    /// environment variables.
+    pub async fn spawn_env(extra: &[(&str, &str)]) -> Self {
         Self::spawn_with(
             FakeKlaviConfig {
                 token_ttl: Duration::from_secs(300),
                 ..FakeKlaviConfig::default()
             },
             |_| {},
-            &[],
+            extra,
         )
         .await
     }

@@ -46,15 +46,7 @@ async fn min_ttl_is_validated_and_served() {
 async fn min_ttl_refreshes_a_token_with_too_little_left() {
     // 300 s tokens; after 2.1 s fewer than 298 s remain, so min_ttl=298
     // needs a refresh (min_interval, 1 s here, has passed).
-    let app = TestApp::spawn_with(
-        FakeKlaviConfig {
-            token_ttl: Duration::from_secs(300),
-            ..FakeKlaviConfig::default()
-        },
-        |_| {},
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
-    )
-    .await;
+    let app = TestApp::spawn_env(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")]).await;
     let first = json(app.get_token("").await).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let response = app.get_token("?min_ttl=298").await;
@@ -72,15 +64,7 @@ async fn min_ttl_refreshes_a_token_with_too_little_left() {
 /// most one fetch per min_interval.
 #[tokio::test]
 async fn polling_min_ttl_near_the_lifetime_is_answered_at_once_and_bounded() {
-    let app = TestApp::spawn_with(
-        FakeKlaviConfig {
-            token_ttl: Duration::from_secs(300),
-            ..FakeKlaviConfig::default()
-        },
-        |_| {},
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "2")],
-    )
-    .await;
+    let app = TestApp::spawn_env(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "2")]).await;
     assert_eq!(app.get_token("").await.status(), StatusCode::OK);
     let started = tokio::time::Instant::now();
     let (mut ok, mut unsatisfiable, mut slowest) = (0, 0, Duration::ZERO);
@@ -154,15 +138,7 @@ async fn an_unsatisfiable_min_ttl_on_a_cold_start_costs_one_fetch() {
 /// scheduled refresh. Now the fetch is made and the longer token served.
 #[tokio::test]
 async fn a_min_ttl_longer_than_the_last_lifetime_is_met_when_klavi_gives_more() {
-    let app = TestApp::spawn_with(
-        FakeKlaviConfig {
-            token_ttl: Duration::from_secs(300),
-            ..FakeKlaviConfig::default()
-        },
-        |_| {},
-        &[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")],
-    )
-    .await;
+    let app = TestApp::spawn_env(&[("KLAVI_SIDECAR_REFRESH__MIN_INTERVAL_SECS", "1")]).await;
     assert_eq!(app.get_token("").await.status(), StatusCode::OK);
     app.fake
         .set_default(Outcome::token_ttl(Duration::from_secs(900)));
