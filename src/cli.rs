@@ -149,7 +149,7 @@ fn block_on(workers: usize, future: impl std::future::Future<Output = ExitCode>)
 /// Parses the command line and runs the command. Configuration is read
 /// before the runtime starts, since it says how many threads to run.
 /// `release_memory`, if given, is called every second while the sidecar
-/// serves (see [`memory`](crate::ops::memory)).
+/// serves (see [`crate::ops::memory`]).
 pub fn main(release_memory: Option<Release>) -> ExitCode {
     let cli = Cli::parse();
     let outer = cli.flags;

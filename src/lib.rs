@@ -1,55 +1,59 @@
-//! klavi-token-sidecar keeps a valid Klavi payment API token and serves it
-//! to the apps of its pod over loopback HTTP.
+//! klavi-token-sidecar keeps a valid Klavi payment API token for each of
+//! its profiles (key pairs) and serves it to the apps of its pod over
+//! loopback HTTP.
 //!
 //! # A tour
 //!
-//! Configuration and start-up:
+//! The folders are the architecture; data flows down this list.
+//!
 //! - [`config`]: layered configuration (defaults < TOML < env < flags),
-//!   validated once into typed values; every failure names its key.
-//! - [`cli`]: the commands and their exit codes; `main.rs` only calls it.
-//! - [`app`]: binds the listeners, then runs the refresh task and both
-//!   servers until shutdown ([`shutdown`] turns signals into a token).
-//! - [`telemetry`]: the log subscriber (text or JSON).
+//!   validated once into typed values, one [`config::ProfileConfig`] per
+//!   key pair; every failure names its full key.
+//! - [`upstream`]: where tokens come from. [`upstream::klavi`] makes one
+//!   auth request and turns the answer into a token or a categorised error,
+//!   [`upstream::expiry`] reads its expiry (pure), [`upstream::credentials`]
+//!   holds the keys, inline or from files that rotate.
+//! - [`cache`]: knows neither Klavi nor HTTP. [`cache::source`] is the
+//!   `TokenSource` trait and its errors, [`cache::policy`] the pure
+//!   schedule, backoff and auth budget, [`cache::refresher`] the one task
+//!   per profile that calls the source, [`cache::store`] the token in an
+//!   `ArcSwap` and the demand-and-wait protocol.
+//! - [`profile`]: a profile's store, metrics and readiness flag, as every
+//!   consumer receives it.
+//! - [`serve`]: handing tokens out. [`serve::http`] has the routes (token
+//!   routes per profile, probes, the `GET /token` hot path that applies the
+//!   router's rules without the router), [`serve::server`] drives
+//!   connections with limits, an overflow lane and a bounded drain.
+//! - [`ops`]: what operators see. Prometheus [`ops::metrics`] with a
+//!   `profile` label, the log subscriber, the `healthcheck` command, memory
+//!   release.
+//! - [`app`] builds a profile per configured key pair, binds the listeners
+//!   and runs everything until shutdown ([`shutdown`] turns signals into a
+//!   token); [`cli`] is the commands and their exit codes (`main.rs` only
+//!   calls it).
 //!
-//! Getting tokens:
-//! - [`credentials`]: the keys, inline or from files that may rotate.
-//! - [`klavi`]: one auth request, its answer turned into a [`token::Token`]
-//!   or a categorised [`error::FetchError`].
-//! - [`expiry`]: pure parsing of the answer's token and expiry forms,
-//!   `Date` skew, the earlier-of rule.
-//! - [`policy`]: pure refresh schedule, backoff and `Retry-After` rules.
-//! - [`refresher`]: the one task that calls Klavi, on the policy's schedule
-//!   or when a handler demands it.
-//!
-//! Serving tokens:
-//! - [`store`]: the token in an `ArcSwap` (read lock-free by `GET /token`)
-//!   and the demand-and-wait protocol for cold starts, `min_ttl` and
-//!   forced refreshes.
-//! - [`http`]: routes, the header guard, JSON errors, and the `GET /token`
-//!   hot path that answers without the router.
-//! - [`server`]: hyper connections with limits, eviction at the connection
-//!   cap, and a bounded drain.
-//! - [`metrics`]: the Prometheus metrics of the ops listener.
-//! - [`memory`]: hands a burst's freed memory back to the system.
-//!
-//! Around it: [`fake_klavi`] (a scriptable fake upstream, with fault
-//! injection, for the demo and the tests), [`demo`], [`healthcheck`],
-//! [`secret`] (redacting wrapper and fingerprints), [`clock`] (injectable
-//! wall clock), and test tooling shared with examples: `soak` (the chaos
-//! soak harness) and `fuzz_support` (the fuzz targets' entry points).
+//! Around it: [`fake_klavi`] (a scriptable fake Klavi, with fault
+//! injection, for the demo and the tests), [`demo`], [`secret`] (redacting
+//! wrapper and fingerprints), [`clock`] (the one place that reads the
+//! system clock). Test tooling lives in the `klavi-sidecar-testkit` crate.
 //!
 //! # Data flow
 //!
 //! ```text
-//!  key files ──► credentials ──► klavi ──► refresher ──► store (ArcSwap) ──► http ──► apps
-//!                                   ▲          │  ▲              │   demands  │
-//!                                   │ policy ◄─┘  └──────────────┴────────────┘
-//!                               Klavi API
+//!              ┌──────────── one per profile ────────────┐
+//!  key files ─►│ credentials ─► klavi ─► refresher ─► store │─► profile ─► http ─► apps
+//!              │                 ▲      policy ┘  ▲        │                 │
+//!              └─────────────────│────────────────│────────┘                 │
+//!                            Klavi API            └────── demands ───────────┘
+//!                                                  ops::metrics reads the stores
 //! ```
 //!
-//! Only the refresher calls Klavi, so at most one auth request is ever in
-//! flight; handlers that need a fresher token record a demand and wait for
-//! the refresher's published state.
+//! Only a profile's refresher calls Klavi, so at most one auth request per
+//! profile is ever in flight, within its auth budget; handlers that need a
+//! fresher token record a demand and wait for the refresher's published
+//! state. A new way to hand tokens out is a new consumer of
+//! [`profile::Profiles`]; a new way to get them is a new
+//! [`cache::source::TokenSource`].
 
 #![forbid(unsafe_code)]
 

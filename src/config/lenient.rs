@@ -15,7 +15,7 @@ pub fn u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> 
     deserializer.deserialize_any(WholeNumber)
 }
 
-/// [`u64`], for a key that may be absent.
+/// [`u64()`], for a key that may be absent.
 pub fn opt_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     u64(deserializer).map(Some)
 }
@@ -25,7 +25,7 @@ pub fn f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> 
     deserializer.deserialize_any(Fraction)
 }
 
-/// [`f64`], for a key that may be absent.
+/// [`f64()`], for a key that may be absent.
 pub fn opt_f64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
     f64(deserializer).map(Some)
 }
@@ -35,7 +35,7 @@ pub fn bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error
     deserializer.deserialize_any(Flag)
 }
 
-/// [`bool`], for a key that may be absent.
+/// [`bool()`], for a key that may be absent.
 pub fn opt_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
     bool(deserializer).map(Some)
 }

@@ -83,6 +83,10 @@ fn default_toml_documents_exactly_the_defaults() {
         .collect::<Vec<_>>()
         .join("\n");
     let parsed: RawConfig = toml::from_str(&uncommented).unwrap_or_else(|e| panic!("{e}"));
+    // The example profile parses, with what it says.
+    let example = &parsed.profiles["example"];
+    assert_eq!(example.required, Some(false));
+    assert!(example.access_key_file.is_some() && example.access_key.is_none());
     let mut expected = RawConfig::default();
     expected.klavi.access_key = Some(Secret::new("your-access-key"));
     expected.klavi.secret_key = Some(Secret::new("your-secret-key"));

@@ -8,7 +8,7 @@
 //! - a cap on open connections (`max_connections`), with eviction of
 //!   connections that hold a slot without being served: a silent newcomer
 //!   past half a second, or a client that stopped reading its responses
-//!   ([`super::connection`]). Keep-alive connections of clients that read
+//!   (`super::connection`). Keep-alive connections of clients that read
 //!   are never evicted, so no request they have written is lost;
 //! - an overflow lane: while every slot is taken, a newcomer is still
 //!   served, one request on a connection that then closes, with a short

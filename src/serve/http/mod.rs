@@ -7,11 +7,11 @@
 //! (the `Klavi-Sidecar` header, no proxied requests, a loopback or allowed
 //! `Host`); probes need no header.
 //!
-//! - [`token`]: the token routes' handlers;
-//! - [`probes`]: `/healthz`, `/readyz`, `/metrics`;
-//! - [`fast`]: `GET /token` answered without the router, by the same rules;
-//! - [`render`], [`accept`], [`guard`], [`error`]: bodies, content
-//!   negotiation, the guard, the error answers.
+//! - `token`: the token routes' handlers;
+//! - `probes`: `/healthz`, `/readyz`, `/metrics`;
+//! - `fast`: `GET /token` answered without the router, by the same rules;
+//! - `render`, `accept`, `guard`, `error`: bodies, content negotiation,
+//!   the guard, the error answers.
 
 mod accept;
 mod error;
