@@ -3,10 +3,11 @@
 //!
 //! [`Application::build`] binds both listeners first, so a taken port fails
 //! at once and `/healthz` answers before the first fetch (guarantee 5), and
-//! prepares every profile: its keys, its Klavi client, its store.
-//! [`Application::run_until_stopped`] starts each profile's refresh task
-//! and key-file watcher, then both servers; on shutdown the servers drain
-//! within the grace, then the refresh tasks stop.
+//! prepares every profile: its keys and its store.
+//! [`Application::run_until_stopped`] starts both servers, then builds the
+//! HTTP clients for Klavi and starts each profile's refresh task and
+//! key-file watcher; on shutdown the servers drain within the grace, then
+//! the refresh tasks stop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::profile::{Profile, Profiles};
 use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
 use crate::serve::server::{self, BindError};
 use crate::upstream::credentials::Credentials;
-use crate::upstream::klavi::KlaviClient;
+use crate::upstream::klavi::{HttpClients, KlaviClient};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +47,6 @@ pub enum StartError {
 struct Parts {
     config: ProfileConfig,
     credentials: Arc<Credentials>,
-    client: KlaviClient,
     store: Arc<TokenStore>,
 }
 
@@ -86,13 +86,6 @@ impl Application {
         let mut profiles = Vec::with_capacity(config.profiles.len());
         for profile in &config.profiles {
             let credentials = Arc::new(Credentials::load(&profile.name, &profile.klavi)?);
-            let client = KlaviClient::new(
-                &profile.klavi,
-                profile.refresh.fallback_ttl,
-                Arc::clone(&credentials),
-                Arc::new(SystemClock),
-            )
-            .map_err(|e| StartError::Client(e.to_string()))?;
             let refresh = &profile.refresh;
             let store = Arc::new(TokenStore::new(
                 refresh.policy.serve_margin,
@@ -102,7 +95,6 @@ impl Application {
             profiles.push(Parts {
                 config: profile.clone(),
                 credentials,
-                client,
                 store,
             });
         }
@@ -127,63 +119,48 @@ impl Application {
     }
 
     /// Serves until `shutdown` is cancelled, then drains and stops.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+    ///
+    /// The servers start first, so `/healthz` answers while the HTTP
+    /// clients for Klavi are built (loading TLS roots takes milliseconds),
+    /// then each profile's refresh task and key-file watcher start. A
+    /// client that cannot be built stops everything with the error.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let Self {
             config,
             token_listener,
             ops_listener,
             token_addr,
             ops_addr,
-            profiles,
+            profiles: parts,
         } = self;
-        let stop_refresh = CancellationToken::new();
         let metrics = Arc::new(Metrics::new(Arc::new(SystemClock)));
-        let mut tasks = JoinSet::new();
-        let mut served = Vec::with_capacity(profiles.len());
-        for parts in profiles {
-            let name = parts.config.name.clone();
-            let profile_metrics = metrics.profile(&name);
-            let key_changes = Arc::new(Notify::new());
-            if let Some(watcher) = parts
-                .credentials
-                .watch(Arc::clone(&key_changes), stop_refresh.clone())
-            {
-                tasks.spawn(async move {
-                    let _ = watcher.await;
-                });
-            }
-            let observer: Arc<dyn RefreshObserver> = Arc::new(profile_metrics.clone());
-            let refresher = Refresher::new(
-                parts.client,
-                Arc::clone(&parts.store),
-                parts.config.refresh.policy.clone(),
-            )
-            .key_changes(key_changes)
-            .observer(observer)
-            .spawn(stop_refresh.clone());
-            tasks.spawn(async move {
-                let _ = refresher.await;
-            });
-            served.push(Arc::new(Profile::new(
-                &name,
-                parts.store,
-                profile_metrics,
-                parts.config.required,
-            )));
-        }
+        let served: Vec<Arc<Profile>> = parts
+            .iter()
+            .map(|p| {
+                // Alive from the start: its task follows in milliseconds,
+                // or the process stops.
+                p.store.update_state(|s| s.task_alive = true);
+                Arc::new(Profile::new(
+                    &p.config.name,
+                    Arc::clone(&p.store),
+                    metrics.profile(&p.config.name),
+                    p.config.required,
+                ))
+            })
+            .collect();
         let names: Vec<String> = served.iter().map(|p| p.name().to_string()).collect();
         let profiles = Profiles::new(served);
 
         let server_config = &config.server;
-        let mut state = AppState::new(&profiles, metrics, std::time::Duration::ZERO);
+        let mut state = AppState::new(&profiles, Arc::clone(&metrics), std::time::Duration::ZERO);
         state.guard = Guard {
             require_header: server_config.require_header,
             allowed_hosts: server_config.allowed_hosts.clone().into(),
         };
         state.request_timeout = server_config.request_timeout;
         state.max_body_bytes = server_config.max_body_bytes;
-        let limits = server_config.limits;
-        let grace = server_config.shutdown_grace;
+        let (limits, grace) = (server_config.limits, server_config.shutdown_grace);
+        let stop_servers = shutdown.child_token();
         let mut servers = JoinSet::new();
         servers.spawn(server::serve(
             "token",
@@ -191,7 +168,7 @@ impl Application {
             token_router(state.clone()),
             Some(token_fast_path(state.clone())),
             limits,
-            shutdown.clone(),
+            stop_servers.clone(),
             grace,
         ));
         if let Some(listener) = ops_listener {
@@ -201,9 +178,53 @@ impl Application {
                 ops_router(state),
                 None,
                 limits,
-                shutdown.clone(),
+                stop_servers.clone(),
                 grace,
             ));
+        }
+
+        let stop_refresh = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut http = HttpClients::default();
+        for (parts, profile) in parts.into_iter().zip(profiles.iter()) {
+            let shared = match http.for_config(&parts.config.klavi) {
+                Ok(shared) => shared,
+                Err(error) => {
+                    stop_servers.cancel();
+                    while servers.join_next().await.is_some() {}
+                    stop_refresh.cancel();
+                    while tasks.join_next().await.is_some() {}
+                    return Err(StartError::Client(error.to_string()));
+                }
+            };
+            let client = KlaviClient::over(
+                shared,
+                &parts.config.klavi,
+                parts.config.refresh.fallback_ttl,
+                Arc::clone(&parts.credentials),
+                Arc::new(SystemClock),
+            );
+            let key_changes = Arc::new(Notify::new());
+            if let Some(watcher) = parts
+                .credentials
+                .watch(Arc::clone(&key_changes), stop_refresh.clone())
+            {
+                tasks.spawn(async move {
+                    let _ = watcher.await;
+                });
+            }
+            let observer: Arc<dyn RefreshObserver> = Arc::new(profile.metrics().clone());
+            let refresher = Refresher::new(
+                client,
+                Arc::clone(&parts.store),
+                parts.config.refresh.policy.clone(),
+            )
+            .key_changes(key_changes)
+            .observer(observer)
+            .spawn(stop_refresh.clone());
+            tasks.spawn(async move {
+                let _ = refresher.await;
+            });
         }
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -218,5 +239,6 @@ impl Application {
         stop_refresh.cancel();
         while tasks.join_next().await.is_some() {}
         tracing::info!("stopped");
+        Ok(())
     }
 }

@@ -209,11 +209,14 @@ async fn serve(
     if fake.is_some() {
         demo::banner(app.token_addr(), app.ops_addr());
     }
-    app.run_until_stopped(shutdown::on_signals()).await;
+    let result = app.run_until_stopped(shutdown::on_signals()).await;
     if let Some(fake) = fake {
         fake.stop().await;
     }
-    ExitCode::SUCCESS
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(EXIT_FAILURE, error),
+    }
 }
 
 async fn run_demo(raw: config::RawConfig, release_memory: Option<Release>) -> ExitCode {

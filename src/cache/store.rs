@@ -202,7 +202,8 @@ impl TokenStore {
         self.current.store(Some(token));
     }
 
-    /// For the refresh task: publishes a change of state.
+    /// For the refresh task (and the app that starts it): publishes a
+    /// change of state.
     pub(crate) fn update_state(&self, change: impl FnOnce(&mut RefreshState)) {
         self.state.send_modify(change);
     }

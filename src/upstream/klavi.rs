@@ -36,6 +36,8 @@ struct AuthRequest<'a> {
 pub struct KlaviClient {
     http: reqwest::Client,
     url: Url,
+    /// The whole exchange, body included (`klavi.request_timeout_ms`).
+    request_timeout: Duration,
     credentials: Arc<Credentials>,
     clock: Arc<dyn WallClock>,
     fallback_ttl: Duration,
@@ -49,25 +51,32 @@ impl std::fmt::Debug for KlaviClient {
     }
 }
 
-impl KlaviClient {
-    /// A client for `config.auth_url`.
-    pub fn new(
-        config: &KlaviConfig,
-        fallback_ttl: Duration,
-        credentials: Arc<Credentials>,
-        clock: Arc<dyn WallClock>,
-    ) -> Result<Self, reqwest::Error> {
-        install_crypto_provider();
+/// The HTTP clients auth requests go through. Building one loads the TLS
+/// roots, which takes milliseconds, so profiles with the same connect
+/// timeout and proxy rule share one (and its pool of connections to Klavi);
+/// each request carries its profile's own request timeout.
+#[derive(Debug, Default)]
+pub struct HttpClients {
+    built: Vec<((Duration, bool), reqwest::Client)>,
+}
+
+impl HttpClients {
+    /// The client for a profile of `config`, built on first use.
+    pub fn for_config(&mut self, config: &KlaviConfig) -> Result<reqwest::Client, reqwest::Error> {
         let loopback = match config.auth_url.host() {
             Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
             Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
             Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
             None => false,
         };
+        let key = (config.connect_timeout, loopback);
+        if let Some((_, client)) = self.built.iter().find(|(k, _)| *k == key) {
+            return Ok(client.clone());
+        }
+        install_crypto_provider();
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
             // Never follow a redirect with the keys in the body.
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(50));
@@ -75,13 +84,41 @@ impl KlaviClient {
             // A proxy from the environment must not capture loopback calls.
             builder = builder.no_proxy();
         }
-        Ok(Self {
-            http: builder.build()?,
+        let client = builder.build()?;
+        self.built.push((key, client.clone()));
+        Ok(client)
+    }
+}
+
+impl KlaviClient {
+    /// A client for `config.auth_url`, with an HTTP client of its own.
+    pub fn new(
+        config: &KlaviConfig,
+        fallback_ttl: Duration,
+        credentials: Arc<Credentials>,
+        clock: Arc<dyn WallClock>,
+    ) -> Result<Self, reqwest::Error> {
+        let http = HttpClients::default().for_config(config)?;
+        Ok(Self::over(http, config, fallback_ttl, credentials, clock))
+    }
+
+    /// A client for `config.auth_url` over `http` (shared with other
+    /// profiles: see [`HttpClients`]).
+    pub fn over(
+        http: reqwest::Client,
+        config: &KlaviConfig,
+        fallback_ttl: Duration,
+        credentials: Arc<Credentials>,
+        clock: Arc<dyn WallClock>,
+    ) -> Self {
+        Self {
+            http,
             url: config.auth_url.clone(),
+            request_timeout: config.request_timeout,
             credentials,
             clock,
             fallback_ttl,
-        })
+        }
     }
 
     async fn fetch_token(&self) -> Result<Token, FetchError> {
@@ -97,6 +134,7 @@ impl KlaviClient {
         let mut response = self
             .http
             .post(self.url.clone())
+            .timeout(self.request_timeout)
             .header(ACCEPT, "application/json")
             .header(CONTENT_TYPE, "application/json")
             .body(body)

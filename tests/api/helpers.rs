@@ -72,7 +72,10 @@ impl TestApp {
         let token = app.token_addr();
         let ops = app.ops_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            app.run_until_stopped(stop).await.expect("the app runs");
+        });
         Self {
             token,
             ops,
