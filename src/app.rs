@@ -183,20 +183,30 @@ impl Application {
             ));
         }
 
+        // Off the runtime's thread, so the servers answer meanwhile.
+        let klavi_configs: Vec<_> = parts.iter().map(|p| p.config.klavi.clone()).collect();
+        let clients = tokio::task::spawn_blocking(move || {
+            let mut http = HttpClients::default();
+            klavi_configs
+                .iter()
+                .map(|config| http.for_config(config))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| error.to_string())
+        })
+        .await
+        .unwrap_or_else(|error| Err(format!("the client builder failed: {error}")));
+        let clients = match clients {
+            Ok(clients) => clients,
+            Err(error) => {
+                stop_servers.cancel();
+                while servers.join_next().await.is_some() {}
+                return Err(StartError::Client(error));
+            }
+        };
+
         let stop_refresh = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let mut http = HttpClients::default();
-        for (parts, profile) in parts.into_iter().zip(profiles.iter()) {
-            let shared = match http.for_config(&parts.config.klavi) {
-                Ok(shared) => shared,
-                Err(error) => {
-                    stop_servers.cancel();
-                    while servers.join_next().await.is_some() {}
-                    stop_refresh.cancel();
-                    while tasks.join_next().await.is_some() {}
-                    return Err(StartError::Client(error.to_string()));
-                }
-            };
+        for ((parts, profile), shared) in parts.into_iter().zip(profiles.iter()).zip(clients) {
             let client = KlaviClient::over(
                 shared,
                 &parts.config.klavi,

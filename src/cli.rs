@@ -123,15 +123,22 @@ fn config_failure(error: &ConfigError) -> ExitCode {
     fail(EXIT_CONFIG, format!("configuration error: {error}"))
 }
 
+/// How long an idle blocking thread (key-file reads, building HTTP
+/// clients at start) stays: not tokio's 10 s, since a sidecar that idles
+/// should not keep a thread's memory for nothing.
+const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_millis(200);
+
 /// The runtime: one thread for `workers == 1` (see `runtime.worker_threads`
 /// in config/default.toml), else a multi-threaded one (0: one per CPU).
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers == 1 {
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
             .build();
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE);
     if workers > 1 {
         builder.worker_threads(workers);
     }
