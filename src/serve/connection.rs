@@ -2,13 +2,15 @@
 //! requests, whether its client stopped reading, and how to make it close
 //! without losing a request.
 //!
-//! Only two kinds of connection are ever evicted at the cap: one that has
-//! sent nothing for [`FRESH_GRACE`] since it was accepted (an idle or
-//! half-sent flood), and one whose client has not read its responses for
-//! that long (writes blocked: the client is not being served anyway). A
-//! keep-alive connection that has served requests and whose client reads
-//! is never evicted: taking it between two requests would lose the next
-//! one, which the client has perhaps already written.
+//! Only three kinds of connection are ever evicted, each once it has been
+//! so for a grace ([`FRESH_GRACE`] in the regular slots, [`OVERFLOW_GRACE`]
+//! in the overflow lane): one that has sent nothing since it was accepted
+//! (an idle flood), one whose current request head has been arriving for
+//! longer than that (slow headers: real clients send a head at once), and
+//! one whose client has not read its responses (writes blocked: it is not
+//! being served anyway). A keep-alive connection between requests of a
+//! client that reads is never evicted: taking it then would lose the next
+//! request, which the client has perhaps already written.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -34,6 +36,11 @@ use tower::ServiceExt as _;
 /// connections lose their slot long before any timeout.
 pub const FRESH_GRACE: Duration = Duration::from_millis(500);
 
+/// The same grace in the overflow lane, where a newcomer at the cap gets
+/// one request: a client that connects there and does not send at once
+/// gives its place to the next.
+pub const OVERFLOW_GRACE: Duration = Duration::from_millis(20);
+
 /// One open connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -48,6 +55,9 @@ pub struct Connection {
     /// Microseconds after `accepted_at`, plus one, at which a write
     /// started waiting for the client to read; 0 while writes go through.
     write_blocked_at: AtomicU64,
+    /// Likewise, when the first bytes of a request head arrived; 0 once
+    /// the head is complete (the request reached the service).
+    head_started_at: AtomicU64,
     /// Asked to close.
     evicted: AtomicBool,
     /// Wakes the connection's task to close it.
@@ -67,15 +77,17 @@ impl Connection {
             served: AtomicBool::new(false),
             accepted_at,
             write_blocked_at: AtomicU64::new(0),
+            head_started_at: AtomicU64::new(0),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
             slot: Mutex::new(slot),
         }
     }
 
-    /// Its client has not read what it was sent for at least `for_at_least`.
-    pub fn write_blocked(&self, now: Instant, for_at_least: Duration) -> bool {
-        match self.write_blocked_at.load(Ordering::Acquire) {
+    /// Whether the moment stored in `mark` is at least `for_at_least`
+    /// before `now`.
+    fn marked_for(&self, mark: &AtomicU64, now: Instant, for_at_least: Duration) -> bool {
+        match mark.load(Ordering::Acquire) {
             0 => false,
             at => {
                 let since = self.accepted_at + Duration::from_micros(at - 1);
@@ -84,28 +96,46 @@ impl Connection {
         }
     }
 
-    fn note_write(&self, pending: bool) {
-        if !pending {
-            self.write_blocked_at.store(0, Ordering::Release);
-        } else if self.write_blocked_at.load(Ordering::Acquire) == 0 {
+    /// Stores now in `mark`, unless a moment is stored already.
+    fn mark_once(&self, mark: &AtomicU64) {
+        if mark.load(Ordering::Acquire) == 0 {
             let micros = self.accepted_at.elapsed().as_micros();
             let at = u64::try_from(micros).unwrap_or(u64::MAX - 1) + 1;
-            self.write_blocked_at.store(at, Ordering::Release);
+            mark.store(at, Ordering::Release);
         }
     }
 
-    /// May its slot go to a newcomer at `now`: a silent newcomer past its
-    /// grace, or a client that stopped reading. The key orders candidates,
-    /// oldest first.
-    fn evictable(&self, now: Instant) -> Option<Instant> {
+    /// Its client has not read what it was sent for at least `for_at_least`.
+    pub fn write_blocked(&self, now: Instant, for_at_least: Duration) -> bool {
+        self.marked_for(&self.write_blocked_at, now, for_at_least)
+    }
+
+    fn note_write(&self, pending: bool) {
+        if pending {
+            self.mark_once(&self.write_blocked_at);
+        } else {
+            self.write_blocked_at.store(0, Ordering::Release);
+        }
+    }
+
+    /// A request reached the service: its head is complete.
+    fn head_complete(&self) {
+        self.head_started_at.store(0, Ordering::Release);
+    }
+
+    /// May its slot go to a newcomer at `now`, after `grace`: a silent
+    /// newcomer, a slow request head, or a client that stopped reading. The
+    /// key orders candidates, oldest first.
+    fn evictable(&self, now: Instant, grace: Duration) -> Option<Instant> {
         if self.evicted.load(Ordering::Acquire) {
             return None;
         }
         let silent_newcomer = self.busy.load(Ordering::Acquire) == 0
             && self.waiting.load(Ordering::Acquire)
             && !self.served.load(Ordering::Acquire)
-            && now.saturating_duration_since(self.accepted_at) >= FRESH_GRACE;
-        (silent_newcomer || self.write_blocked(now, FRESH_GRACE)).then_some(self.accepted_at)
+            && now.saturating_duration_since(self.accepted_at) >= grace;
+        let slow_head = self.marked_for(&self.head_started_at, now, grace);
+        (silent_newcomer || slow_head || self.write_blocked(now, grace)).then_some(self.accepted_at)
     }
 
     /// Whether it was asked to close.
@@ -114,13 +144,24 @@ impl Connection {
     }
 }
 
-/// The open connections of a listener's regular slots, oldest first.
-#[derive(Debug, Default)]
+/// The open connections of a listener's regular slots, or of its overflow
+/// lane, oldest first.
+#[derive(Debug)]
 pub struct Registry {
     open: Mutex<VecDeque<Arc<Connection>>>,
+    /// How long a connection may hold its slot unserved.
+    grace: Duration,
 }
 
 impl Registry {
+    /// An empty registry whose connections have `grace` before eviction.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            open: Mutex::new(VecDeque::new()),
+            grace,
+        }
+    }
+
     /// Registers a connection accepted now into `slot`.
     pub fn add(&self, slot: OwnedSemaphorePermit) -> Arc<Connection> {
         self.add_accepted(slot, Instant::now())
@@ -155,7 +196,7 @@ impl Registry {
         let open = self.lock();
         let victim = open
             .iter()
-            .filter_map(|c| Some((c.evictable(now)?, c)))
+            .filter_map(|c| Some((c.evictable(now, self.grace)?, c)))
             .min_by_key(|(accepted_at, _)| *accepted_at)
             .map(|(_, c)| c)?;
         victim.evicted.store(true, Ordering::Release);
@@ -225,6 +266,11 @@ impl tokio::io::AsyncRead for Watched {
             Poll::Ready(Err(_)) => true,
         };
         self.connection.waiting.store(waiting, Ordering::Release);
+        if !waiting {
+            // Bytes of a request: its head is arriving (until the service
+            // sees the request).
+            self.connection.mark_once(&self.connection.head_started_at);
+        }
         result
     }
 }
@@ -312,6 +358,7 @@ impl hyper::service::Service<http::Request<Incoming>> for Tracked {
     type Future = ResponseFuture;
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        self.connection.head_complete();
         if let Some(response) = self.fast.as_ref().and_then(|fast| fast(&request)) {
             self.connection.served.store(true, Ordering::Release);
             return ResponseFuture::Ready(Some(response));
@@ -342,27 +389,38 @@ mod tests {
             .unwrap();
         let (stream, _) = listener.accept().await.unwrap();
         let slot = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
-        let connection = Registry::default().add(slot);
+        let connection = Registry::new(FRESH_GRACE).add(slot);
         connection.evicted.store(true, Ordering::Release);
         (client, Watched { stream, connection })
     }
 
     /// (served, busy, waiting, accepted this long ago, writes blocked this
-    /// long ago)
-    type Shape = (bool, usize, bool, Duration, Option<Duration>);
+    /// long ago, a request head arriving for this long)
+    type Shape = (
+        bool,
+        usize,
+        bool,
+        Duration,
+        Option<Duration>,
+        Option<Duration>,
+    );
 
-    fn registry_of(shapes: &[Shape]) -> Registry {
-        let registry = Registry::default();
+    fn registry_of(grace: Duration, shapes: &[Shape]) -> Registry {
+        let registry = Registry::new(grace);
         let slots = Arc::new(Semaphore::new(shapes.len()));
-        for (served, busy, waiting, age, blocked) in shapes {
+        for (served, busy, waiting, age, blocked, head) in shapes {
             let slot = Arc::clone(&slots).try_acquire_owned().unwrap();
             let connection = registry.add_accepted(slot, Instant::now() - *age);
             connection.served.store(*served, Ordering::Release);
             connection.busy.store(*busy, Ordering::Release);
             connection.waiting.store(*waiting, Ordering::Release);
-            if let Some(blocked) = blocked {
-                let at = (*age - *blocked).as_micros() as u64 + 1;
-                connection.write_blocked_at.store(at, Ordering::Release);
+            for (mark, ago) in [
+                (&connection.write_blocked_at, blocked),
+                (&connection.head_started_at, head),
+            ] {
+                if let Some(ago) = ago {
+                    mark.store((*age - *ago).as_micros() as u64 + 1, Ordering::Release);
+                }
             }
         }
         registry
@@ -374,39 +432,77 @@ mod tests {
     async fn eviction_choice_table() {
         let s = Duration::from_secs;
         let ms = Duration::from_millis;
-        let cases: Vec<(Vec<Shape>, Option<usize>)> = vec![
+        let cases: Vec<(Duration, Vec<Shape>, Option<usize>)> = vec![
             // Keep-alive connections of clients that read: never, idle or
             // busy (taking one between requests loses the next request).
             (
-                vec![(true, 0, true, s(9), None), (true, 1, false, s(9), None)],
+                FRESH_GRACE,
+                vec![
+                    (true, 0, true, s(9), None, None),
+                    (true, 1, false, s(9), None, None),
+                ],
                 None,
             ),
             // A silent newcomer past its grace: the oldest first.
             (
+                FRESH_GRACE,
                 vec![
-                    (true, 0, true, s(9), None),
-                    (false, 0, true, s(2), None),
-                    (false, 0, true, s(3), None),
+                    (true, 0, true, s(9), None, None),
+                    (false, 0, true, s(2), None, None),
+                    (false, 0, true, s(3), None, None),
                 ],
                 Some(2),
             ),
             // Inside its grace it is kept: a burst about to send.
-            (vec![(false, 0, true, ms(100), None)], None),
-            // Sending (half a request in): not yet silent.
-            (vec![(false, 0, false, s(2), None)], None),
+            (
+                FRESH_GRACE,
+                vec![(false, 0, true, ms(100), None, None)],
+                None,
+            ),
+            // The overflow lane's grace is shorter.
+            (
+                OVERFLOW_GRACE,
+                vec![(false, 0, true, ms(100), None, None)],
+                Some(0),
+            ),
+            (
+                OVERFLOW_GRACE,
+                vec![(false, 0, true, ms(5), None, None)],
+                None,
+            ),
             // A client that stopped reading, past the grace: even if it has
             // served requests, even mid-request.
             (
+                FRESH_GRACE,
                 vec![
-                    (true, 0, true, s(9), None),
-                    (true, 1, false, s(5), Some(s(1))),
+                    (true, 0, true, s(9), None, None),
+                    (true, 1, false, s(5), Some(s(1)), None),
                 ],
                 Some(1),
             ),
-            (vec![(true, 0, false, s(5), Some(ms(100)))], None),
+            (
+                FRESH_GRACE,
+                vec![(true, 0, false, s(5), Some(ms(100)), None)],
+                None,
+            ),
+            // A request head dribbling in past the grace (slow headers), on
+            // a keep-alive connection too; a head just begun is kept.
+            (
+                FRESH_GRACE,
+                vec![
+                    (true, 0, true, s(9), None, None),
+                    (true, 0, true, s(9), None, Some(ms(600))),
+                ],
+                Some(1),
+            ),
+            (
+                FRESH_GRACE,
+                vec![(true, 0, false, s(9), None, Some(ms(10)))],
+                None,
+            ),
         ];
-        for (shapes, expected) in cases {
-            let registry = registry_of(&shapes);
+        for (grace, shapes, expected) in cases {
+            let registry = registry_of(grace, &shapes);
             let evicted = registry
                 .evict_one()
                 .map(|_| registry.lock().iter().position(|c| c.is_evicted()).unwrap());

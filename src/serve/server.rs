@@ -12,9 +12,11 @@
 //!   are never evicted, so no request they have written is lost;
 //! - an overflow lane: while every slot is taken, a newcomer is still
 //!   served, one request on a connection that then closes, with a short
-//!   header timeout, up to a few dozen at once. So however the regular
-//!   slots are held (busy keep-alive clients, non-readers, a flood), a
-//!   probe gets its answer without waiting for one of them to close;
+//!   header timeout, up to a few dozen at once; an overflow connection
+//!   that does not send its request within 20 ms gives its place to the
+//!   next newcomer. So however the regular slots are held (busy keep-alive
+//!   clients, non-readers, slow headers) and however fast idle sockets
+//!   reconnect, a probe gets its answer without waiting for a timeout;
 //! - on shutdown, every connection is asked to finish its request in
 //!   flight and close; whatever is left just before the grace ends is cut
 //!   off, so the process exits within it.
@@ -32,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use super::connection::FastPath;
-use super::connection::{Connection, FRESH_GRACE, Registry, Tracked, Watched};
+use super::connection::{Connection, FRESH_GRACE, OVERFLOW_GRACE, Registry, Tracked, Watched};
 
 /// Protections applied to every connection (the `server.*` limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,7 @@ struct Shared {
     regular: hyper::server::conn::http1::Builder,
     overflow: hyper::server::conn::http1::Builder,
     registry: Arc<Registry>,
+    overflow_registry: Arc<Registry>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     cut_off: CancellationToken,
@@ -120,7 +123,8 @@ pub async fn serve(
         fast,
         regular,
         overflow,
-        registry: Arc::new(Registry::default()),
+        registry: Arc::new(Registry::new(FRESH_GRACE)),
+        overflow_registry: Arc::new(Registry::new(OVERFLOW_GRACE)),
         tasks: TaskTracker::new(),
         shutdown: shutdown.clone(),
         cut_off: CancellationToken::new(),
@@ -153,13 +157,17 @@ pub async fn serve(
                 spawn_regular(&shared, stream, connection);
                 break;
             }
-            if let Ok(permit) = Arc::clone(&overflow_slots).try_acquire_owned() {
-                let connection = Arc::new(Connection::new(None, Instant::now()));
+            let overflow_slot = Arc::clone(&overflow_slots)
+                .try_acquire_owned()
+                .ok()
+                .or_else(|| shared.overflow_registry.evict_one());
+            if let Some(slot) = overflow_slot {
+                let connection = shared.overflow_registry.add(slot);
                 let shared2 = Arc::clone(&shared);
                 shared.tasks.spawn(async move {
-                    let _permit = permit;
                     let driven = drive(&shared2, &shared2.overflow, stream, &connection);
                     let _ = tokio::time::timeout(OVERFLOW_LIFETIME, driven).await;
+                    shared2.overflow_registry.remove(&connection);
                 });
                 break;
             }

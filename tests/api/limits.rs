@@ -424,6 +424,84 @@ async fn more_busy_clients_than_slots_lose_nothing_and_cannot_starve_a_probe() {
     app.stop().await;
 }
 
+/// Second review: keep-alive clients that dribble each request head a
+/// byte at a time held every regular slot, and idle sockets reconnecting as
+/// fast as they were closed kept the overflow lane full: probes waited 3 to
+/// 14 s. A head arriving for longer than the grace gives its slot up, and
+/// a silent overflow connection gives its place to the next newcomer.
+#[tokio::test]
+async fn dribbling_readers_and_reconnecting_idle_sockets_cannot_starve_a_probe() {
+    let app = TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut attackers = Vec::new();
+    // Eight dribblers: a request head one byte every 50 ms, read the answer,
+    // again (for at most 10 s).
+    for _ in 0..8 {
+        let (stop, addr) = (std::sync::Arc::clone(&stop), app.ops);
+        attackers.push(tokio::spawn(async move {
+            let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+            let mut buf = [0u8; 1024];
+            for _ in 0..50 {
+                let Ok(mut stream) = TcpStream::connect(addr).await else {
+                    continue;
+                };
+                'requests: for _ in 0..20 {
+                    for byte in request {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed)
+                            || stream.write_all(&[*byte]).await.is_err()
+                        {
+                            break 'requests;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    if !matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+            }
+        }));
+    }
+    // 150 idle sockets, reconnecting as soon as they are closed.
+    for _ in 0..150 {
+        let (stop, addr) = (std::sync::Arc::clone(&stop), app.ops);
+        attackers.push(tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            for _ in 0..2000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                if let Ok(mut stream) = TcpStream::connect(addr).await {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let (ok, took) = probe(app.ops).await;
+        assert!(ok, "probe failed after {took:?}");
+        worst = worst.max(took);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.abort();
+    }
+    println!("worst probe under dribblers and reconnecting idle sockets: {worst:?}");
+    // kubelet gives a probe 1 s by default.
+    assert!(worst < Duration::from_millis(900), "worst probe {worst:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_json() {
     let app = TestApp::spawn().await;
