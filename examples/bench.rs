@@ -42,6 +42,10 @@ struct Args {
     /// Only the cold-start burst (for quick runs).
     #[arg(long)]
     burst_only: bool,
+    /// Profiles the sidecar serves in the steady-state runs (1: the
+    /// default only; more are added against the same fake Klavi).
+    #[arg(long, default_value_t = 1)]
+    profiles: usize,
     /// Extra environment for the sidecar, KEY=VALUE (repeatable), e.g.
     /// KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS=512.
     #[arg(long = "sidecar-env", value_name = "KEY=VALUE")]
@@ -253,7 +257,53 @@ fn sidecar_command(
         )
         .env("RUST_LOG", "warn")
         .envs(args.sidecar_env.iter().filter_map(|kv| kv.split_once('=')));
+    add_profiles(&mut command, args.profiles);
     command
+}
+
+/// Profiles `p1` … `p{n-1}` beside the default one, with the demo keys.
+fn add_profiles(command: &mut Command, profiles: usize) {
+    for i in 1..profiles {
+        for (key, value) in [
+            ("ACCESS_KEY", "demo-access-key"),
+            ("SECRET_KEY", "demo-secret-key"),
+        ] {
+            command.env(format!("KLAVI_SIDECAR_PROFILES__P{i}__{key}"), value);
+        }
+    }
+}
+
+/// Start to first `/healthz` 200 (ms) and RSS (KiB) half a second after
+/// ready, `runs` times, for a sidecar of `profiles` profiles.
+fn start_and_idle(
+    bin: &Path,
+    klavi: SocketAddr,
+    args: &Args,
+    profiles: usize,
+    runs: usize,
+) -> Result<(Vec<f64>, Vec<u64>), Error> {
+    let (mut startups, mut rss) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (token, ops) = (free_addr()?, free_addr()?);
+        let mut command = sidecar_command(bin, token, ops, klavi, args);
+        add_profiles(&mut command, profiles);
+        let started = Instant::now();
+        let proc = Proc::spawn("sidecar", &mut command)?;
+        let mut first = None;
+        while started.elapsed() < Duration::from_secs(5) {
+            if matches!(get(ops, "/healthz", false), Ok((200, _))) {
+                first = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        startups.push(first.ok_or("no /healthz 200 within 5 s")?.as_secs_f64() * 1e3);
+        wait_for(ops, "/readyz", Duration::from_secs(10))?;
+        std::thread::sleep(Duration::from_millis(1500));
+        rss.push(rss_kib(proc.pid()));
+        drop(proc);
+    }
+    Ok((startups, rss))
 }
 
 fn fake_command(bin: &Path, addr: SocketAddr, extra: &[&str]) -> Command {
@@ -441,34 +491,37 @@ fn main() -> Result<(), Error> {
         loaded_rss as f64 / ref_loaded_rss.max(1) as f64,
     ));
 
-    // --- Start to first /healthz 200, median of 10.
-    let mut startups = Vec::new();
-    for _ in 0..10 {
-        let (token, ops) = (free_addr()?, free_addr()?);
-        let started = Instant::now();
-        let proc = Proc::spawn(
-            "sidecar",
-            &mut sidecar_command(&bin, token, ops, klavi, &args),
-        )?;
-        let mut first = None;
-        while started.elapsed() < Duration::from_secs(5) {
-            if matches!(get(ops, "/healthz", false), Ok((200, _))) {
-                first = Some(started.elapsed());
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        drop(proc);
-        startups.push(first.ok_or("no /healthz 200 within 5 s")?.as_secs_f64() * 1e3);
-    }
+    // --- Start to first /healthz 200 and idle RSS, one profile and ten.
+    let (startups, _) = start_and_idle(&bin, klavi, &args, 1, 10)?;
     let startup_median = median(startups.clone());
+    let (startups_ten, rss_ten) = start_and_idle(&bin, klavi, &args, 10, 5)?;
+    let (_, rss_one) = start_and_idle(&bin, klavi, &args, 1, 5)?;
 
     // --- Binary size.
     let size = std::fs::metadata(bin.join("klavi-token-sidecar"))?.len();
 
+    let all = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mib = |v: &[u64]| {
+        v.iter()
+            .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let median_mib = |v: &[u64]| median(v.iter().map(|k| *k as f64 / 1024.0).collect());
     report.push_str(&format!(
-        "\n| measure | value |\n|---|---|\n| start to first /healthz 200, median of 10 | {startup_median:.1} ms (all: {}) |\n| stripped release binary | {:.2} MiB ({size} bytes) |\n",
-        startups.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>().join(", "),
+        "\n| measure | value |\n|---|---|\n| start to first /healthz 200, one profile, median of 10 | {startup_median:.1} ms (all: {}) |\n| start to first /healthz 200, ten profiles, median of 5 | {:.1} ms (all: {}) |\n| RSS 1.5 s after ready, one profile, median of 5 | {:.1} MiB (all: {}) |\n| RSS 1.5 s after ready, ten profiles, median of 5 | {:.1} MiB (all: {}) |\n| stripped release binary | {:.2} MiB ({size} bytes) |\n",
+        all(&startups),
+        median(startups_ten.clone()),
+        all(&startups_ten),
+        median_mib(&rss_one),
+        mib(&rss_one),
+        median_mib(&rss_ten),
+        mib(&rss_ten),
         size as f64 / 1048576.0,
     ));
     report.push_str(&cold_start_burst(&args, &bin)?);
