@@ -231,6 +231,7 @@ impl Application {
             )
             .key_changes(key_changes)
             .observer(observer)
+            .name(&parts.config.name)
             .spawn(stop_refresh.clone());
             tasks.spawn(async move {
                 let _ = refresher.await;
@@ -241,9 +242,16 @@ impl Application {
             token_listener = %token_addr,
             ops_listener = %ops_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
             profiles = %names.join(","),
-            klavi = %config.profiles.first().map_or_else(String::new, |p| p.klavi.auth_url.to_string()),
             "klavi-token-sidecar started"
         );
+        for profile in &config.profiles {
+            tracing::info!(
+                profile = %profile.name,
+                klavi = %profile.klavi.auth_url,
+                required = profile.required,
+                "profile serving"
+            );
+        }
 
         while servers.join_next().await.is_some() {}
         stop_refresh.cancel();

@@ -63,6 +63,8 @@ pub struct Refresher<S> {
     jitter: Jitter,
     key_changes: Arc<Notify>,
     observer: Arc<dyn RefreshObserver>,
+    /// The profile, for the logs.
+    name: String,
 }
 
 impl<S> std::fmt::Debug for Refresher<S> {
@@ -121,6 +123,7 @@ impl<S: TokenSource> Refresher<S> {
             jitter: random_jitter(),
             key_changes: Arc::new(Notify::new()),
             observer: Arc::new(Unobserved),
+            name: "default".to_string(),
         }
     }
 
@@ -134,6 +137,12 @@ impl<S: TokenSource> Refresher<S> {
     /// rejected credentials.
     pub fn key_changes(mut self, key_changes: Arc<Notify>) -> Self {
         self.key_changes = key_changes;
+        self
+    }
+
+    /// The profile it refreshes, named in every log line it writes.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = name.to_string();
         self
     }
 
@@ -186,6 +195,7 @@ impl<S: TokenSource> Refresher<S> {
             if budget_held && !progress.budget_held {
                 self.observer.budget_exhausted();
                 tracing::warn!(
+                    profile = %self.name,
                     max_auth_per_minute = self.policy.max_auth_per_minute,
                     next_attempt_in_ms =
                         budget_at.saturating_duration_since(now).as_millis() as u64,
@@ -204,7 +214,7 @@ impl<S: TokenSource> Refresher<S> {
                 () = stop.cancelled() => return,
                 () = self.key_changes.notified() => {
                     if state.last_error == Some(Category::CredentialsRejected) {
-                        tracing::info!("key file changed; retrying with the new keys now");
+                        tracing::info!(profile = %self.name, "key file changed; retrying with the new keys now");
                         // At once, but never sooner than the floor after
                         // the failure (§5.9).
                         let floor = progress
@@ -223,6 +233,7 @@ impl<S: TokenSource> Refresher<S> {
             progress.attempts += 1;
             let span = tracing::debug_span!(
                 "refresh",
+                profile = %self.name,
                 attempt = progress.attempts,
                 outcome = tracing::field::Empty,
                 category = tracing::field::Empty,
@@ -272,6 +283,7 @@ impl<S: TokenSource> Refresher<S> {
             let next_in = scheduled.saturating_duration_since(Instant::now());
             span.record("next_attempt_in_ms", next_in.as_millis() as u64);
             tracing::debug!(
+                profile = %self.name,
                 duration_ms = duration.as_millis() as u64,
                 "refresh attempt finished"
             );
@@ -302,6 +314,7 @@ impl<S: TokenSource> Refresher<S> {
             progress.degenerate += 1;
             progress.backoff_until = Some(next);
             tracing::warn!(
+                profile = %self.name,
                 fingerprint = token.fingerprint(),
                 expires_in_secs = token.remaining(now).as_secs(),
                 same_token,
@@ -312,9 +325,10 @@ impl<S: TokenSource> Refresher<S> {
             progress.degenerate = 0;
             progress.backoff_until = None;
             if !std::mem::take(&mut progress.logged_failures).is_empty() {
-                tracing::info!("token refresh recovered");
+                tracing::info!(profile = %self.name, "token refresh recovered");
             }
             tracing::info!(
+                profile = %self.name,
                 fingerprint = token.fingerprint(),
                 expires_in_secs = token.remaining(now).as_secs(),
                 next_refresh_in_secs = plan.delay.as_secs(),
@@ -354,6 +368,7 @@ impl<S: TokenSource> Refresher<S> {
         if !progress.logged_failures.contains(&category) {
             progress.logged_failures.push(category);
             tracing::warn!(
+                profile = %self.name,
                 category = category.as_str(),
                 error = %error,
                 still_serving = servable,
@@ -362,6 +377,7 @@ impl<S: TokenSource> Refresher<S> {
             );
         } else {
             tracing::debug!(
+                profile = %self.name,
                 category = category.as_str(),
                 error = %error,
                 attempt = progress.failures,

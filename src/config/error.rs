@@ -29,7 +29,9 @@ impl ConfigError {
             error.path.join(".")
         };
         // Figment quotes the offending value; for a key, that is the secret.
-        let mut message = if is_secret_key(&key) {
+        // An unknown field quotes no value, and saying so helps.
+        let unknown_field = matches!(error.kind, figment::error::Kind::UnknownField(..));
+        let mut message = if is_secret_key(&key) && !unknown_field {
             "must be a string (the value is not shown)".to_string()
         } else {
             error.kind.to_string()

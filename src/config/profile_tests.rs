@@ -171,6 +171,29 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
             "profiles.default",
             "reserved",
         ),
+        // Names the environment could not spell (second review).
+        (
+            format!("[profiles.a__b]\n{keys}"),
+            "profiles.a__b",
+            "without __",
+        ),
+        (
+            format!("[profiles.ab_]\n{keys}"),
+            "profiles.ab_",
+            "trailing _",
+        ),
+        // An unknown key ending like a secret is reported as unknown.
+        (
+            format!("[profiles.mgmt]\n{keys}[profiles.mgmt.refresh]\nsecret_key = \"x\"\n"),
+            "profiles.mgmt.refresh.secret_key",
+            "unknown field",
+        ),
+        // check-config's placeholder is no key.
+        (
+            "[profiles.mgmt]\naccess_key = \"[REDACTED]\"\nsecret_key = \"s\"\n".into(),
+            "profiles.mgmt.access_key",
+            "placeholder",
+        ),
         (
             format!("[profiles.mgmt]\n{keys}typo = 1\n"),
             "profiles.mgmt.typo",
@@ -238,6 +261,20 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
         assert!(!e.to_string().contains('\n'), "one line: {e}");
         assert!(!e.to_string().contains("\"s\""), "no secret: {e}");
     }
+}
+
+/// Second review: an invalid [klavi] base_url inherited by a profile was
+/// blamed on the profile; and an unparsable URL was echoed, password and
+/// all.
+#[test]
+fn an_inherited_error_names_the_key_written_and_no_url_is_echoed() {
+    let toml = "[klavi]\nbase_url = \"http://example.com\"\n[profiles.mgmt]\naccess_key = \"a\"\nsecret_key = \"s\"\n";
+    let e = error(toml, &[]);
+    assert_eq!(e.key, "klavi.base_url", "{e}");
+    let toml = "[klavi]\naccess_key = \"a\"\nsecret_key = \"s\"\nbase_url = \"https://user:SECRETPW@[bad\"\n";
+    let e = error(toml, &[]);
+    assert_eq!(e.key, "klavi.base_url");
+    assert!(!e.to_string().contains("SECRETPW"), "{e}");
 }
 
 #[test]

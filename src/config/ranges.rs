@@ -54,6 +54,9 @@ pub const RANGES: [Range; 17] = [
     range("runtime.worker_threads", 0, 64),
 ];
 
+/// How much longer than `wait_ms` the shutdown grace must be.
+pub const GRACE_OVER_WAIT_MS: u64 = 500;
+
 /// `refresh.jitter_ratio`, the one fractional key.
 pub const JITTER_RATIO: std::ops::RangeInclusive<f64> = 0.0..=0.5;
 
@@ -219,12 +222,15 @@ pub fn check_server_against(
             ),
         ));
     }
-    if s.shutdown_grace_secs.saturating_mul(1000) <= wait {
+    // The drain cuts what is left a quarter of a second before the grace
+    // ends (so the process exits within it): a request that waits its
+    // whole wait_ms must be answered before that.
+    if s.shutdown_grace_secs.saturating_mul(1000) < wait.saturating_add(GRACE_OVER_WAIT_MS) {
         return Err(ConfigError::new(
             "server.shutdown_grace_secs",
             format!(
-                "{} s must be longer than {wait_key} ({wait} ms), or requests waiting at shutdown \
-                 would be cut off without an answer",
+                "{} s must be at least {GRACE_OVER_WAIT_MS} ms longer than {wait_key} ({wait} ms), \
+                 or requests waiting at shutdown would be cut off without an answer",
                 s.shutdown_grace_secs
             ),
         ));
@@ -389,6 +395,24 @@ mod tests {
             error.map(|e| e.key),
             Some("server.shutdown_grace_secs".to_string())
         );
+        // Second review: grace 2 s with wait_ms 1900 was accepted, and the
+        // drain (which stops 250 ms before the grace ends) cut the waiting
+        // request. The grace must be at least 500 ms longer than the wait.
+        let server = RawServer {
+            shutdown_grace_secs: 2,
+            ..RawServer::default()
+        };
+        for (wait_ms, ok) in [(1900, false), (1501, false), (1500, true), (400, true)] {
+            let refresh = RawRefresh {
+                wait_ms,
+                ..RawRefresh::default()
+            };
+            assert_eq!(
+                check_server_against(&server, &names, &refresh).is_ok(),
+                ok,
+                "grace 2 s, wait {wait_ms} ms"
+            );
+        }
     }
 
     #[test]

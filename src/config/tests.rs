@@ -221,6 +221,13 @@ fn allowed_hosts_are_host_names_or_addresses() {
         ("host:8089", None),
         ("http://x", None),
         ("", None),
+        // Second review: numeric forms browsers read as addresses.
+        ("0", None),
+        ("2130706433", None),
+        ("0x7f000001", None),
+        ("127.1", None),
+        ("[::ffff:0.0.0.0]", None),
+        ("1a.example", Some("1a.example")),
     ] {
         assert_eq!(
             validate::normalised_host(host).as_deref(),

@@ -21,6 +21,9 @@ use crate::serve::server::Limits;
 /// Longest profile name.
 const MAX_NAME_LEN: usize = 32;
 
+/// What a secret prints as (`check-config`): never a key.
+const REDACTED: &str = "[REDACTED]";
+
 impl Config {
     /// Checks every key and builds the typed configuration.
     pub fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
@@ -28,8 +31,10 @@ impl Config {
         let log = log_format(&raw.log.format)?;
         ranges::check_server(&raw.server)?;
         // [klavi] and [refresh] are checked even without a default
-        // profile: the other profiles inherit them.
-        ranges::check_profile(&KeyNames::of(DEFAULT_PROFILE), &raw.klavi, &raw.refresh)?;
+        // profile, under their own names: the other profiles inherit them.
+        let defaults = KeyNames::of(DEFAULT_PROFILE);
+        auth_url(&defaults, &raw.klavi)?;
+        ranges::check_profile(&defaults, &raw.klavi, &raw.refresh)?;
 
         let mut profiles = Vec::new();
         if raw.klavi.has_keys() || raw.profiles.is_empty() {
@@ -162,11 +167,15 @@ fn check_name(name: &str) -> Result<(), ConfigError> {
             "the name \"default\" is reserved for [klavi] and [refresh]; choose another",
         ));
     }
+    // `__` separates keys in environment names and a trailing `_` would run
+    // into that separator: neither could be written there.
     let well_formed = (1..=MAX_NAME_LEN).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.contains("__")
+        && !name.ends_with('_');
     if well_formed {
         Ok(())
     } else {
@@ -174,7 +183,8 @@ fn check_name(name: &str) -> Result<(), ConfigError> {
             key.escape_debug().to_string(),
             format!(
                 "is not a valid profile name: 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and _, \
-                 starting with a letter"
+                 starting with a letter, without __ or a trailing _ (which environment names \
+                 could not spell)"
             ),
         ))
     }
@@ -238,6 +248,10 @@ fn key_source(
         (Some(secret), None) if secret.expose().trim().is_empty() => {
             Err(ConfigError::new(key, "is empty"))
         }
+        (Some(secret), None) if secret.expose() == REDACTED => Err(ConfigError::new(
+            key,
+            "is the placeholder check-config prints instead of a key; set the real key",
+        )),
         (Some(secret), None) => Ok(KeySource::Inline(secret.clone())),
         (None, Some(path)) => {
             read_key_file(path).map_err(|message| ConfigError::new(file_key, message))?;
@@ -286,8 +300,10 @@ fn is_loopback_host(url: &Url) -> bool {
 
 fn auth_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
     let key = names.klavi("base_url");
+    // The value is not quoted: a URL that does not parse may still carry
+    // a password before its `@`.
     let base = Url::parse(raw.base_url.trim())
-        .map_err(|e| ConfigError::new(&key, format!("{:?} is not a URL: {e}", raw.base_url)))?;
+        .map_err(|e| ConfigError::new(&key, format!("is not a URL: {e}")))?;
     match base.scheme() {
         "https" => {}
         "http" if is_loopback_host(&base) || raw.allow_insecure_http => {}
@@ -357,10 +373,17 @@ fn allowed_hosts(hosts: &[String]) -> Result<Vec<String>, ConfigError> {
 pub(crate) fn normalised_host(host: &str) -> Option<String> {
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         let ip: std::net::Ipv6Addr = inner.parse().ok()?;
-        return (!ip.is_unspecified()).then(|| format!("[{ip}]"));
+        let unspecified =
+            ip.is_unspecified() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified());
+        return (!unspecified).then(|| format!("[{ip}]"));
     }
     if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
         return (!ip.is_unspecified()).then(|| ip.to_string());
+    }
+    // Forms a browser reads as an IPv4 address (`2130706433`, `0x7f000001`,
+    // `127.1`) are no host names; written as such they would never match.
+    if matches!(Host::parse(host), Ok(Host::Ipv4(_))) {
+        return None;
     }
     let label_ok = |label: &str| {
         (1..=63).contains(&label.len())

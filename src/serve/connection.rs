@@ -39,7 +39,7 @@ pub const FRESH_GRACE: Duration = Duration::from_millis(500);
 /// The same grace in the overflow lane, where a newcomer at the cap gets
 /// one request: a client that connects there and does not send at once
 /// gives its place to the next.
-pub const OVERFLOW_GRACE: Duration = Duration::from_millis(20);
+pub const OVERFLOW_GRACE: Duration = Duration::from_millis(100);
 
 /// One open connection.
 #[derive(Debug)]
@@ -462,12 +462,12 @@ mod tests {
             // The overflow lane's grace is shorter.
             (
                 OVERFLOW_GRACE,
-                vec![(false, 0, true, ms(100), None, None)],
+                vec![(false, 0, true, ms(150), None, None)],
                 Some(0),
             ),
             (
                 OVERFLOW_GRACE,
-                vec![(false, 0, true, ms(5), None, None)],
+                vec![(false, 0, true, ms(50), None, None)],
                 None,
             ),
             // A client that stopped reading, past the grace: even if it has

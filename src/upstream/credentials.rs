@@ -104,8 +104,8 @@ impl Key {
     }
 
     /// The current value; for a file, re-read now. Returns whether it
-    /// changed since the last read.
-    async fn refresh(&self) -> (Secret, bool) {
+    /// changed since the last read. `profile` names it in the logs.
+    async fn refresh(&self, profile: &str) -> (Secret, bool) {
         match self {
             Self::Inline(secret) => (secret.clone(), false),
             Self::File { path, read } => {
@@ -116,15 +116,16 @@ impl Key {
                     .apply(result);
                 if let Some(error) = &seen.started_failing {
                     tracing::warn!(
+                        profile,
                         error = %error,
                         "cannot read key file; keeping the last good key"
                     );
                 }
                 if seen.recovered {
-                    tracing::info!(path = %path.display(), "key file readable again");
+                    tracing::info!(profile, path = %path.display(), "key file readable again");
                 }
                 if seen.changed {
-                    tracing::info!(path = %path.display(), "key file changed");
+                    tracing::info!(profile, path = %path.display(), "key file changed");
                 }
                 (seen.secret, seen.changed)
             }
@@ -148,6 +149,8 @@ async fn read_async(path: &Path) -> Result<Secret, String> {
 pub struct Credentials {
     access: Key,
     secret: Key,
+    /// The profile they belong to, for the logs.
+    profile: String,
 }
 
 impl Credentials {
@@ -158,6 +161,7 @@ impl Credentials {
         Ok(Self {
             access: Key::load(&config.access_key, &names.klavi("access_key"))?,
             secret: Key::load(&config.secret_key, &names.klavi("secret_key"))?,
+            profile: profile.to_string(),
         })
     }
 
@@ -166,19 +170,20 @@ impl Credentials {
         Self {
             access: Key::Inline(access),
             secret: Key::Inline(secret),
+            profile: "default".to_string(),
         }
     }
 
     /// The current keys, files re-read.
     pub async fn current(&self) -> (Secret, Secret) {
-        let (access, _) = self.access.refresh().await;
-        let (secret, _) = self.secret.refresh().await;
+        let (access, _) = self.access.refresh(&self.profile).await;
+        let (secret, _) = self.secret.refresh(&self.profile).await;
         (access, secret)
     }
 
     async fn changed(&self) -> bool {
-        let (_, a) = self.access.refresh().await;
-        let (_, s) = self.secret.refresh().await;
+        let (_, a) = self.access.refresh(&self.profile).await;
+        let (_, s) = self.secret.refresh(&self.profile).await;
         a || s
     }
 

@@ -342,8 +342,8 @@ async fn clients_that_never_read_cannot_starve_a_probe() {
     .await;
     let pipelined = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(4000);
     let mut hogs = Vec::new();
-    // The 8 slots and the whole overflow lane (16): every one a non-reader.
-    for _ in 0..24 {
+    // The 8 slots and the whole overflow lane (64): every one a non-reader.
+    for _ in 0..72 {
         let mut stream = TcpStream::connect(app.ops).await.unwrap();
         let requests = pipelined.clone();
         hogs.push(tokio::spawn(async move {

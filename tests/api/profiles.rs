@@ -89,11 +89,17 @@ async fn each_profile_is_served_on_its_routes_from_its_own_klavi() {
         get(&app, "/profiles/mgmt/token?min_ttl=100").await.status(),
         StatusCode::OK
     );
-    // Unknown profiles: 404 unknown_profile, on every route.
+    // Unknown profiles: 404 unknown_profile, on every route; a name is
+    // never percent-encoded, so an encoded one is none (second review: it
+    // was served under profile "" or answered 400 in plain text).
     for path in [
         "/profiles/nope/token",
         "/profiles/MGMT/token",
         "/profiles/nope/token/refresh",
+        "/profiles/%6dgmt/token",
+        "/profiles/%6dgmt/token/refresh",
+        "/profiles/%FF/token",
+        "/profiles//token",
     ] {
         let response = if path.ends_with("refresh") {
             app.http
@@ -289,6 +295,11 @@ async fn metrics_say_which_profile() {
     );
     assert_eq!(value(r#"klavi_sidecar_ready{profile="mgmt"}"#), 1.0);
     assert!(!text.contains("nope"), "raw names never become labels");
+    // A named profile is never served on /token: no series says so.
+    assert!(
+        !text.contains(r#"profile="mgmt",route="/token""#),
+        "a series that can never move"
+    );
     mgmt.stop().await;
     app.stop().await;
 }

@@ -89,6 +89,19 @@ fn two_profiles_through_the_binary_each_served_and_reported() {
     }
     let log = service.stop();
     assert!(log.contains("profiles=default,mgmt"), "{log}");
+    // Second review: the refresh lines did not say which key pair.
+    for profile in ["default", "mgmt"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("token refreshed") && l.contains(&format!("profile={profile}"))),
+            "{profile}: {log}"
+        );
+        assert!(
+            log.lines()
+                .any(|l| l.contains("profile serving") && l.contains(&format!("profile={profile}"))),
+            "{log}"
+        );
+    }
     for secret in ["product-sk", "mgmt-sk"] {
         assert!(!log.contains(secret), "{secret} leaked");
     }

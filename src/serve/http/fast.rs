@@ -24,13 +24,13 @@ pub fn token_fast_path(state: AppState) -> FastPath {
             return None;
         }
         let path = request.uri().path();
-        let (endpoint, route, counter, latency) = if path == TOKEN {
+        let (endpoint, route, (counter, latency)) = if path == TOKEN {
             let e = state.endpoints.default_profile()?;
-            (e, TOKEN, &e.ok_default_route, &e.latency_default_route)
+            (e, TOKEN, e.default_route.as_ref()?)
         } else {
             let name = path.strip_prefix("/profiles/")?.strip_suffix(TOKEN)?;
             let e = state.endpoints.get(name)?;
-            (e, PROFILE_TOKEN, &e.ok_named_route, &e.latency_named_route)
+            (e, PROFILE_TOKEN, &e.named_route)
         };
         let headers = request.headers();
         if !state.guard.passes(request)

@@ -60,14 +60,11 @@ const PROFILE_TOKEN_REFRESH: &str = "/profiles/{name}/token/refresh";
 struct Endpoint {
     profile: Arc<Profile>,
     bodies: render::RenderCache,
-    /// `GET /token` answered 200 (the default profile only).
-    ok_default_route: Counter,
-    /// `GET /profiles/{name}/token` answered 200.
-    ok_named_route: Counter,
-    /// The latency of `GET /token` (the default profile only).
-    latency_default_route: Histogram,
-    /// The latency of `GET /profiles/{name}/token`.
-    latency_named_route: Histogram,
+    /// `GET /token` answered 200, and its latency (the default profile
+    /// only: no other is ever served there).
+    default_route: Option<(Counter, Histogram)>,
+    /// `GET /profiles/{name}/token` answered 200, and its latency.
+    named_route: (Counter, Histogram),
 }
 
 /// Every profile's endpoint.
@@ -118,15 +115,16 @@ impl AppState {
             .iter()
             .map(|profile| {
                 let metrics = profile.metrics();
-                if profile.name() == DEFAULT_PROFILE {
-                    let _ = metrics.waited_counter(TOKEN);
-                }
-                let _ = metrics.waited_counter(PROFILE_TOKEN);
+                let route = |route: &str| {
+                    let _ = metrics.waited_counter(route);
+                    (
+                        metrics.requests_counter(route, 200),
+                        metrics.latency_histogram(route),
+                    )
+                };
                 Arc::new(Endpoint {
-                    ok_default_route: profile.metrics().requests_counter(TOKEN, 200),
-                    ok_named_route: profile.metrics().requests_counter(PROFILE_TOKEN, 200),
-                    latency_default_route: profile.metrics().latency_histogram(TOKEN),
-                    latency_named_route: profile.metrics().latency_histogram(PROFILE_TOKEN),
+                    default_route: (profile.name() == DEFAULT_PROFILE).then(|| route(TOKEN)),
+                    named_route: route(PROFILE_TOKEN),
                     profile: Arc::clone(profile),
                     bodies: render::RenderCache::default(),
                 })

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use tokio::time::Instant;
 
@@ -23,11 +23,14 @@ fn default_endpoint(state: &AppState) -> Result<Arc<Endpoint>, ApiError> {
         .ok_or(ApiError::NoDefaultProfile)
 }
 
-/// The endpoint of profile `name`, or 404 `unknown_profile`.
-fn named_endpoint(state: &AppState, name: &str) -> Result<Arc<Endpoint>, ApiError> {
+/// The endpoint `/profiles/{name}/…` names, or 404 `unknown_profile`. The
+/// name is taken from the raw path, as the metrics and the hot path take
+/// it: profile names never need percent-encoding, so an encoded one is no
+/// profile (rather than one served under another's name, or a 400 in text).
+fn named_endpoint(state: &AppState, request: &Request) -> Result<Arc<Endpoint>, ApiError> {
     state
         .endpoints
-        .get(name)
+        .for_path(request.uri().path())
         .cloned()
         .ok_or(ApiError::UnknownProfile)
 }
@@ -39,12 +42,8 @@ pub(super) async fn get_default(State(state): State<AppState>, request: Request)
     }
 }
 
-pub(super) async fn get_named(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    request: Request,
-) -> Response {
-    match named_endpoint(&state, &name) {
+pub(super) async fn get_named(State(state): State<AppState>, request: Request) -> Response {
+    match named_endpoint(&state, &request) {
         Ok(endpoint) => get_token(&endpoint, PROFILE_TOKEN, request).await,
         Err(error) => error.into_response(),
     }
@@ -57,12 +56,8 @@ pub(super) async fn refresh_default(State(state): State<AppState>, request: Requ
     }
 }
 
-pub(super) async fn refresh_named(
-    State(state): State<AppState>,
-    Path(name): Path<String>,
-    request: Request,
-) -> Response {
-    match named_endpoint(&state, &name) {
+pub(super) async fn refresh_named(State(state): State<AppState>, request: Request) -> Response {
+    match named_endpoint(&state, &request) {
         Ok(endpoint) => refresh_token(&endpoint, request).await,
         Err(error) => error.into_response(),
     }
