@@ -108,7 +108,7 @@ fn get(addr: SocketAddr, path: &str, header: bool) -> std::io::Result<(u16, Vec<
     };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: bench\r\n{extra}Connection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
@@ -337,7 +337,7 @@ fn burst(addr: SocketAddr, n: usize) -> Result<(Duration, BTreeMap<u16, usize>),
                 let attempt = async {
                     let mut stream = tokio::net::TcpStream::connect(addr).await?;
                     stream
-                        .write_all(b"GET /token HTTP/1.1\r\nHost: bench\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n")
+                        .write_all(b"GET /token HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\nConnection: close\r\n\r\n")
                         .await?;
                     let mut response = Vec::new();
                     stream.read_to_end(&mut response).await?;
