@@ -55,9 +55,13 @@ pub struct Connection {
     /// Microseconds after `accepted_at`, plus one, at which a write
     /// started waiting for the client to read; 0 while writes go through.
     write_blocked_at: AtomicU64,
-    /// Likewise, when the first bytes of a request head arrived; 0 once
-    /// the head is complete (the request reached the service).
-    head_started_at: AtomicU64,
+    /// Bytes of a request head have arrived and the request has not yet
+    /// reached the service. Set and cleared without a clock read (this is
+    /// the hot path); the eviction scan times it.
+    head_pending: AtomicBool,
+    /// Likewise, when an eviction scan first saw the head pending; 0 while
+    /// none is.
+    head_seen_at: AtomicU64,
     /// Asked to close.
     evicted: AtomicBool,
     /// Wakes the connection's task to close it.
@@ -77,7 +81,8 @@ impl Connection {
             served: AtomicBool::new(false),
             accepted_at,
             write_blocked_at: AtomicU64::new(0),
-            head_started_at: AtomicU64::new(0),
+            head_pending: AtomicBool::new(false),
+            head_seen_at: AtomicU64::new(0),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
             slot: Mutex::new(slot),
@@ -120,7 +125,19 @@ impl Connection {
 
     /// A request reached the service: its head is complete.
     fn head_complete(&self) {
-        self.head_started_at.store(0, Ordering::Release);
+        self.head_pending.store(false, Ordering::Release);
+        self.head_seen_at.store(0, Ordering::Release);
+    }
+
+    /// Whether a request head has been pending for at least `grace`, as
+    /// eviction scans (every 20 ms while a newcomer waits) have seen it:
+    /// the first scan that sees it pending starts the count.
+    fn head_pending_for(&self, now: Instant, grace: Duration) -> bool {
+        if !self.head_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        self.mark_once(&self.head_seen_at);
+        self.marked_for(&self.head_seen_at, now, grace)
     }
 
     /// May its slot go to a newcomer at `now`, after `grace`: a silent
@@ -134,7 +151,7 @@ impl Connection {
             && self.waiting.load(Ordering::Acquire)
             && !self.served.load(Ordering::Acquire)
             && now.saturating_duration_since(self.accepted_at) >= grace;
-        let slow_head = self.marked_for(&self.head_started_at, now, grace);
+        let slow_head = self.head_pending_for(now, grace);
         (silent_newcomer || slow_head || self.write_blocked(now, grace)).then_some(self.accepted_at)
     }
 
@@ -269,7 +286,7 @@ impl tokio::io::AsyncRead for Watched {
         if !waiting {
             // Bytes of a request: its head is arriving (until the service
             // sees the request).
-            self.connection.mark_once(&self.connection.head_started_at);
+            self.connection.head_pending.store(true, Ordering::Release);
         }
         result
     }
@@ -416,11 +433,14 @@ mod tests {
             connection.waiting.store(*waiting, Ordering::Release);
             for (mark, ago) in [
                 (&connection.write_blocked_at, blocked),
-                (&connection.head_started_at, head),
+                (&connection.head_seen_at, head),
             ] {
                 if let Some(ago) = ago {
                     mark.store((*age - *ago).as_micros() as u64 + 1, Ordering::Release);
                 }
+            }
+            if head.is_some() {
+                connection.head_pending.store(true, Ordering::Release);
             }
         }
         registry
