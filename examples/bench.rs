@@ -50,6 +50,12 @@ struct Args {
     /// KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS=512.
     #[arg(long = "sidecar-env", value_name = "KEY=VALUE")]
     sidecar_env: Vec<String>,
+    /// Another sidecar binary (for example the previous release, built
+    /// from its own checkout) measured in the same run as a third
+    /// contestant, so "performance unchanged" is a same-run comparison.
+    /// It gets the same flags and environment with one profile.
+    #[arg(long, value_name = "PATH")]
+    baseline_bin: Option<PathBuf>,
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -232,13 +238,13 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn sidecar_command(
-    bin: &Path,
+    exe: &Path,
     token: SocketAddr,
     ops: SocketAddr,
     klavi: SocketAddr,
     args: &Args,
 ) -> Command {
-    let mut command = Command::new(bin.join("klavi-token-sidecar"));
+    let mut command = Command::new(exe);
     command
         .args([
             "run",
@@ -276,7 +282,7 @@ fn add_profiles(command: &mut Command, profiles: usize) {
 /// Start to first `/healthz` 200 (ms) and RSS (KiB) half a second after
 /// ready, `runs` times, for a sidecar of `profiles` profiles.
 fn start_and_idle(
-    bin: &Path,
+    exe: &Path,
     klavi: SocketAddr,
     args: &Args,
     profiles: usize,
@@ -285,7 +291,7 @@ fn start_and_idle(
     let (mut startups, mut rss) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let (token, ops) = (free_addr()?, free_addr()?);
-        let mut command = sidecar_command(bin, token, ops, klavi, args);
+        let mut command = sidecar_command(exe, token, ops, klavi, args);
         add_profiles(&mut command, profiles);
         let started = Instant::now();
         let proc = Proc::spawn("sidecar", &mut command)?;
@@ -374,17 +380,17 @@ fn main() -> Result<(), Error> {
         return Ok(());
     }
 
-    // --- Steady state: sidecar vs reference, A B A B.
+    // --- Steady state: sidecar vs reference (and the baseline), A B A B.
+    let sidecar_exe = bin.join("klavi-token-sidecar");
     let klavi = free_addr()?;
     let _fake = Proc::spawn("fake Klavi", &mut fake_command(&bin, klavi, &[]))?;
     let (token, ops) = (free_addr()?, free_addr()?);
     let sidecar = Proc::spawn(
         "sidecar",
-        &mut sidecar_command(&bin, token, ops, klavi, &args),
+        &mut sidecar_command(&sidecar_exe, token, ops, klavi, &args),
     )?;
     wait_for(ops, "/readyz", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(500));
-    let idle_rss = rss_kib(sidecar.pid());
     let (status, body) = get(token, "/token", true)?;
     if status != 200 {
         return Err(format!("GET /token answered {status}").into());
@@ -406,23 +412,38 @@ fn main() -> Result<(), Error> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let ref_idle_rss = rss_kib(reference.pid());
+    let mut contestants = vec![
+        ("sidecar", token, sidecar),
+        ("reference", reference_addr, reference),
+    ];
+    if let Some(exe) = &args.baseline_bin {
+        let (token, ops) = (free_addr()?, free_addr()?);
+        let one_profile = Args {
+            profiles: 1,
+            ..Args::parse()
+        };
+        let baseline = Proc::spawn(
+            "baseline sidecar",
+            &mut sidecar_command(exe, token, ops, klavi, &one_profile),
+        )?;
+        wait_for(ops, "/readyz", Duration::from_secs(10))?;
+        contestants.push(("baseline", token, baseline));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_rss: Vec<u64> = contestants.iter().map(|c| rss_kib(c.2.pid())).collect();
 
-    let mut results: BTreeMap<(u32, &str), Vec<Run>> = BTreeMap::new();
+    let mut results: BTreeMap<(u32, &'static str), Vec<Run>> = BTreeMap::new();
     for &connections in &args.connections {
-        // Warm both up.
         let warm = Args {
             seconds: 2,
             ..Args::parse()
         };
-        wrk(&warm, token, connections, sidecar.pid(), tick)?;
-        wrk(&warm, reference_addr, connections, reference.pid(), tick)?;
+        for (_, addr, proc) in &contestants {
+            wrk(&warm, *addr, connections, proc.pid(), tick)?;
+        }
         for round in 1..=args.rounds {
-            for (name, addr, pid) in [
-                ("sidecar", token, sidecar.pid()),
-                ("reference", reference_addr, reference.pid()),
-            ] {
-                let run = wrk(&args, addr, connections, pid, tick)?;
+            for (name, addr, proc) in &contestants {
+                let run = wrk(&args, *addr, connections, proc.pid(), tick)?;
                 eprintln!(
                     "  c={connections:<3} round {round} {name:<9} {:>9.0} req/s  p50 {:>5.0} µs  p99 {:>5.0} µs  p99.9 {:>6.0} µs  cpu {:>5.2} µs/req  errors {}",
                     run.rps,
@@ -436,66 +457,34 @@ fn main() -> Result<(), Error> {
             }
         }
     }
-    let loaded_rss = rss_kib(sidecar.pid());
-    let ref_loaded_rss = rss_kib(reference.pid());
-    drop(reference);
-    drop(sidecar);
+    let loaded_rss: Vec<u64> = contestants.iter().map(|c| rss_kib(c.2.pid())).collect();
+    let names: Vec<&'static str> = contestants.iter().map(|c| c.0).collect();
+    drop(contestants);
     let _ = std::fs::remove_file(&body_file);
-
-    report.push_str(
-        "| connections | metric | sidecar | reference | ratio |\n|---|---|---|---|---|\n",
-    );
-    for &connections in &args.connections {
-        let side = &results[&(connections, "sidecar")];
-        let refr = &results[&(connections, "reference")];
-        let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
-        let rows: [(&str, fn(&Run) -> f64, &str); 5] = [
-            ("requests/s", |r| r.rps, "{:.0}"),
-            ("p50 latency (µs)", |r| r.p50_us, "{:.0}"),
-            ("p99 latency (µs)", |r| r.p99_us, "{:.0}"),
-            ("p99.9 latency (µs)", |r| r.p999_us, "{:.0}"),
-            (
-                "CPU time per request (µs)",
-                |r| r.cpu_us_per_request,
-                "{:.2}",
-            ),
-        ];
-        for (label, f, _) in rows {
-            let (a, b) = (m(side, f), m(refr, f));
-            let fmt = |v: f64| {
-                if v < 100.0 {
-                    format!("{v:.2}")
-                } else {
-                    format!("{v:.0}")
-                }
-            };
-            report.push_str(&format!(
-                "| {connections} | {label} | {} | {} | {:.2} |\n",
-                fmt(a),
-                fmt(b),
-                a / b.max(1e-9)
-            ));
-        }
-        let errors: u64 = side.iter().chain(refr).map(|r| r.errors).sum();
-        report.push_str(&format!(
-            "| {connections} | errors (all runs) | {errors} | | |\n"
-        ));
-    }
-    report.push_str(&format!(
-        "| | RSS idle (MiB) | {:.1} | {:.1} | {:.2} |\n| | RSS after load (MiB) | {:.1} | {:.1} | {:.2} |\n",
-        idle_rss as f64 / 1024.0,
-        ref_idle_rss as f64 / 1024.0,
-        idle_rss as f64 / ref_idle_rss.max(1) as f64,
-        loaded_rss as f64 / 1024.0,
-        ref_loaded_rss as f64 / 1024.0,
-        loaded_rss as f64 / ref_loaded_rss.max(1) as f64,
+    report.push_str(&steady_state_table(
+        &args,
+        &names,
+        &results,
+        &idle_rss,
+        &loaded_rss,
     ));
 
     // --- Start to first /healthz 200 and idle RSS, one profile and ten.
-    let (startups, _) = start_and_idle(&bin, klavi, &args, 1, 10)?;
+    let (startups, _) = start_and_idle(&sidecar_exe, klavi, &args, 1, 10)?;
     let startup_median = median(startups.clone());
-    let (startups_ten, rss_ten) = start_and_idle(&bin, klavi, &args, 10, 5)?;
-    let (_, rss_one) = start_and_idle(&bin, klavi, &args, 1, 5)?;
+    let (startups_ten, rss_ten) = start_and_idle(&sidecar_exe, klavi, &args, 10, 5)?;
+    let (_, rss_one) = start_and_idle(&sidecar_exe, klavi, &args, 1, 5)?;
+    let baseline_startup = match &args.baseline_bin {
+        Some(exe) => {
+            let (startups, rss) = start_and_idle(exe, klavi, &args, 1, 10)?;
+            format!(
+                "| baseline: start to first /healthz 200, median of 10 | {:.1} ms |\n| baseline: RSS 1.5 s after ready, median of 10 | {:.1} MiB |\n",
+                median(startups),
+                median(rss.iter().map(|k| *k as f64 / 1024.0).collect())
+            )
+        }
+        None => String::new(),
+    };
 
     // --- Binary size.
     let size = std::fs::metadata(bin.join("klavi-token-sidecar"))?.len();
@@ -524,9 +513,92 @@ fn main() -> Result<(), Error> {
         mib(&rss_ten),
         size as f64 / 1048576.0,
     ));
+    report.push_str(&baseline_startup);
     report.push_str(&cold_start_burst(&args, &bin)?);
     println!("{report}");
     Ok(())
+}
+
+/// The steady-state table: the sidecar, the reference and their ratio,
+/// then the baseline and the sidecar's ratio to it when one ran.
+fn steady_state_table(
+    args: &Args,
+    names: &[&'static str],
+    results: &BTreeMap<(u32, &'static str), Vec<Run>>,
+    idle_rss: &[u64],
+    loaded_rss: &[u64],
+) -> String {
+    let baseline = names.contains(&"baseline");
+    let mut table = String::from("| connections | metric | sidecar | reference | ratio |");
+    table.push_str(if baseline {
+        " baseline | sidecar / baseline |\n|---|---|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|---|\n"
+    });
+    let fmt = |v: f64| {
+        if v < 100.0 {
+            format!("{v:.2}")
+        } else {
+            format!("{v:.0}")
+        }
+    };
+    let rows: [(&str, fn(&Run) -> f64); 5] = [
+        ("requests/s", |r| r.rps),
+        ("p50 latency (µs)", |r| r.p50_us),
+        ("p99 latency (µs)", |r| r.p99_us),
+        ("p99.9 latency (µs)", |r| r.p999_us),
+        ("CPU time per request (µs)", |r| r.cpu_us_per_request),
+    ];
+    let empty = Vec::new();
+    for &connections in &args.connections {
+        let runs = |name: &'static str| results.get(&(connections, name)).unwrap_or(&empty);
+        let m = |name: &'static str, f: fn(&Run) -> f64| median(runs(name).iter().map(f).collect());
+        for (label, f) in rows {
+            let (a, b) = (m("sidecar", f), m("reference", f));
+            table.push_str(&format!(
+                "| {connections} | {label} | {} | {} | {:.2} |",
+                fmt(a),
+                fmt(b),
+                a / b.max(1e-9)
+            ));
+            if baseline {
+                let c = m("baseline", f);
+                table.push_str(&format!(" {} | {:.2} |", fmt(c), a / c.max(1e-9)));
+            }
+            table.push('\n');
+        }
+        let errors: u64 = names
+            .iter()
+            .flat_map(|name| runs(name))
+            .map(|r| r.errors)
+            .sum();
+        table.push_str(&format!(
+            "| {connections} | errors (all runs) | {errors} | | |{}\n",
+            if baseline { " | |" } else { "" }
+        ));
+    }
+    let mib = |k: u64| k as f64 / 1024.0;
+    for (label, rss) in [
+        ("RSS idle (MiB)", idle_rss),
+        ("RSS after load (MiB)", loaded_rss),
+    ] {
+        let (a, b) = (rss[0], rss[1]);
+        table.push_str(&format!(
+            "| | {label} | {:.1} | {:.1} | {:.2} |",
+            mib(a),
+            mib(b),
+            a as f64 / b.max(1) as f64
+        ));
+        if let Some(&c) = rss.get(2) {
+            table.push_str(&format!(
+                " {:.1} | {:.2} |",
+                mib(c),
+                a as f64 / c.max(1) as f64
+            ));
+        }
+        table.push('\n');
+    }
+    table
 }
 
 /// The cold-start burst: `args.burst` concurrent `GET /token` on fresh
@@ -544,7 +616,13 @@ fn cold_start_burst(args: &Args, bin: &Path) -> Result<String, Error> {
     let (token, ops) = (free_addr()?, free_addr()?);
     let cold = Proc::spawn(
         "sidecar",
-        &mut sidecar_command(bin, token, ops, slow_klavi, args),
+        &mut sidecar_command(
+            &bin.join("klavi-token-sidecar"),
+            token,
+            ops,
+            slow_klavi,
+            args,
+        ),
     )?;
     wait_for(ops, "/healthz", Duration::from_secs(5))?;
     let (took, statuses) = burst(token, args.burst)?;
