@@ -41,6 +41,13 @@ pub const FRESH_GRACE: Duration = Duration::from_millis(500);
 /// gives its place to the next.
 pub const OVERFLOW_GRACE: Duration = Duration::from_millis(100);
 
+/// [`Connection::head`]: no request head is arriving.
+const NO_HEAD: u64 = 0;
+/// [`Connection::head`]: a head is arriving, no scan has seen it yet.
+const HEAD_UNSEEN: u64 = 1;
+/// [`Connection::head`]: stamps start here.
+const HEAD_SEEN: u64 = 2;
+
 /// One open connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -55,13 +62,14 @@ pub struct Connection {
     /// Microseconds after `accepted_at`, plus one, at which a write
     /// started waiting for the client to read; 0 while writes go through.
     write_blocked_at: AtomicU64,
-    /// Bytes of a request head have arrived and the request has not yet
-    /// reached the service. Set and cleared without a clock read (this is
-    /// the hot path); the eviction scan times it.
-    head_pending: AtomicBool,
-    /// Likewise, when an eviction scan first saw the head pending; 0 while
-    /// none is.
-    head_seen_at: AtomicU64,
+    /// The request head now arriving, in one word so that the scan can
+    /// never leave a stale moment behind: [`NO_HEAD`], [`HEAD_UNSEEN`]
+    /// (bytes of a head arrived, no eviction scan has seen them yet), or
+    /// microseconds after `accepted_at` plus [`HEAD_SEEN`] at which the
+    /// first scan saw it. The connection's task sets and clears it without
+    /// a clock read (this is the hot path); only a scan stamps it, and only
+    /// from [`HEAD_UNSEEN`].
+    head: AtomicU64,
     /// Asked to close.
     evicted: AtomicBool,
     /// Wakes the connection's task to close it.
@@ -81,8 +89,7 @@ impl Connection {
             served: AtomicBool::new(false),
             accepted_at,
             write_blocked_at: AtomicU64::new(0),
-            head_pending: AtomicBool::new(false),
-            head_seen_at: AtomicU64::new(0),
+            head: AtomicU64::new(NO_HEAD),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
             slot: Mutex::new(slot),
@@ -123,21 +130,39 @@ impl Connection {
         }
     }
 
+    /// Bytes of a request head arrived (called by the connection's task).
+    fn head_arrived(&self) {
+        // Only this task moves the word away from NO_HEAD, so the load and
+        // the store cannot race with a scan (which only stamps HEAD_UNSEEN).
+        if self.head.load(Ordering::Acquire) == NO_HEAD {
+            self.head.store(HEAD_UNSEEN, Ordering::Release);
+        }
+    }
+
     /// A request reached the service: its head is complete.
     fn head_complete(&self) {
-        self.head_pending.store(false, Ordering::Release);
-        self.head_seen_at.store(0, Ordering::Release);
+        self.head.store(NO_HEAD, Ordering::Release);
     }
 
     /// Whether a request head has been pending for at least `grace`, as
     /// eviction scans (every 20 ms while a newcomer waits) have seen it:
     /// the first scan that sees it pending starts the count.
     fn head_pending_for(&self, now: Instant, grace: Duration) -> bool {
-        if !self.head_pending.load(Ordering::Acquire) {
-            return false;
+        let micros = now.saturating_duration_since(self.accepted_at).as_micros();
+        let stamp = u64::try_from(micros)
+            .unwrap_or(u64::MAX - HEAD_SEEN)
+            .saturating_add(HEAD_SEEN);
+        match self
+            .head
+            .compare_exchange(HEAD_UNSEEN, stamp, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => grace.is_zero(),
+            Err(NO_HEAD) => false,
+            Err(at) => {
+                let seen = self.accepted_at + Duration::from_micros(at - HEAD_SEEN);
+                now.saturating_duration_since(seen) >= grace
+            }
         }
-        self.mark_once(&self.head_seen_at);
-        self.marked_for(&self.head_seen_at, now, grace)
     }
 
     /// May its slot go to a newcomer at `now`, after `grace`: a silent
@@ -283,10 +308,16 @@ impl tokio::io::AsyncRead for Watched {
             Poll::Ready(Err(_)) => true,
         };
         self.connection.waiting.store(waiting, Ordering::Release);
-        if !waiting {
-            // Bytes of a request: its head is arriving (until the service
-            // sees the request).
-            self.connection.head_pending.store(true, Ordering::Release);
+        // Bytes of a request: its head is arriving (until the service sees
+        // the request). Empty lines alone are not: a client may send CRLF
+        // between requests (RFC 9112 §2.2), which hyper skips without a
+        // request ever reaching the service to clear the mark.
+        if !waiting
+            && buf.filled()[before..]
+                .iter()
+                .any(|byte| !matches!(byte, b'\r' | b'\n'))
+        {
+            self.connection.head_arrived();
         }
         result
     }
@@ -397,9 +428,8 @@ mod tests {
     use tokio::net::TcpListener;
     use tokio::sync::Semaphore;
 
-    /// A connected pair on loopback: (client, server side as `Watched`),
-    /// the server side's connection already evicted.
-    async fn evicted_pair() -> (TcpStream, Watched) {
+    /// A connected pair on loopback: (client, server side as `Watched`).
+    async fn pair() -> (TcpStream, Watched) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -407,8 +437,70 @@ mod tests {
         let (stream, _) = listener.accept().await.unwrap();
         let slot = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         let connection = Registry::new(FRESH_GRACE).add(slot);
-        connection.evicted.store(true, Ordering::Release);
         (client, Watched { stream, connection })
+    }
+
+    /// The same, the server side's connection already evicted.
+    async fn evicted_pair() -> (TcpStream, Watched) {
+        let (client, watched) = pair().await;
+        watched.connection.evicted.store(true, Ordering::Release);
+        (client, watched)
+    }
+
+    /// A head is timed from the first scan that sees it, and nothing of it
+    /// outlives the request: a scan that comes after the request reached
+    /// the service leaves no moment behind for the next head to inherit.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_is_timed_from_the_first_scan_and_forgotten_when_complete() {
+        let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let connection = Connection::new(Some(slot), Instant::now());
+        let grace = FRESH_GRACE;
+        let pending = |c: &Connection| c.head_pending_for(Instant::now(), grace);
+        assert!(!pending(&connection), "no head, nothing to time");
+
+        connection.head_arrived();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!pending(&connection), "the first scan starts the count");
+        tokio::time::advance(grace - Duration::from_millis(1)).await;
+        assert!(!pending(&connection));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(pending(&connection), "pending for the grace since seen");
+        connection.head_arrived();
+        assert!(pending(&connection), "more bytes do not restart the count");
+
+        connection.head_complete();
+        assert!(!pending(&connection));
+        // The scan runs after the request reached the service: no stamp.
+        assert!(!pending(&connection));
+        assert_eq!(connection.head.load(Ordering::Acquire), NO_HEAD);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        connection.head_arrived();
+        assert!(!pending(&connection), "the next head starts afresh");
+    }
+
+    /// Empty lines between requests (RFC 9112 §2.2) reach no service to
+    /// clear the mark, so they are not a head; any other byte is.
+    #[tokio::test]
+    async fn empty_lines_between_requests_are_not_a_head() {
+        let (mut client, mut watched) = pair().await;
+        let mut buf = [0u8; 64];
+        for (sent, head) in [
+            (&b"\r\n"[..], NO_HEAD),
+            (b"\r\n\r\n", NO_HEAD),
+            (b"\r\nG", HEAD_UNSEEN),
+        ] {
+            client.write_all(sent).await.unwrap();
+            watched.stream.readable().await.unwrap();
+            let mut read = 0;
+            while read < sent.len() {
+                read += watched.read(&mut buf).await.unwrap();
+            }
+            assert_eq!(
+                watched.connection.head.load(Ordering::Acquire),
+                head,
+                "{sent:?}"
+            );
+        }
     }
 
     /// (served, busy, waiting, accepted this long ago, writes blocked this
@@ -431,16 +523,14 @@ mod tests {
             connection.served.store(*served, Ordering::Release);
             connection.busy.store(*busy, Ordering::Release);
             connection.waiting.store(*waiting, Ordering::Release);
-            for (mark, ago) in [
-                (&connection.write_blocked_at, blocked),
-                (&connection.head_seen_at, head),
-            ] {
-                if let Some(ago) = ago {
-                    mark.store((*age - *ago).as_micros() as u64 + 1, Ordering::Release);
-                }
+            let since = |ago: &Duration| (*age - *ago).as_micros() as u64;
+            if let Some(ago) = blocked {
+                let at = since(ago) + 1;
+                connection.write_blocked_at.store(at, Ordering::Release);
             }
-            if head.is_some() {
-                connection.head_pending.store(true, Ordering::Release);
+            if let Some(ago) = head {
+                let at = since(ago) + HEAD_SEEN;
+                connection.head.store(at, Ordering::Release);
             }
         }
         registry
