@@ -8,26 +8,28 @@ fn body_of(response: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
 }
 
+/// A fake-klavi process accepting `access`/`secret`, with `extra` flags;
+/// its base URL.
+fn start_fake(access: &str, secret: &str, extra: &[&str]) -> (Captured, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        "fake-klavi",
+        "--listen",
+        &addr,
+        "--access-key",
+        access,
+        "--secret-key",
+        secret,
+    ];
+    args.extend_from_slice(extra);
+    let fake = Captured::spawn(sidecar(&args, &[]));
+    fake.wait_for_line("fake Klavi listening");
+    (fake, format!("http://{addr}"))
+}
+
 #[test]
 fn two_profiles_through_the_binary_each_served_and_reported() {
-    let start_fake = |access: &str, secret: &str| {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let fake = Captured::spawn(sidecar(
-            &[
-                "fake-klavi",
-                "--listen",
-                &addr,
-                "--access-key",
-                access,
-                "--secret-key",
-                secret,
-            ],
-            &[],
-        ));
-        fake.wait_for_line("fake Klavi listening");
-        (fake, format!("http://{addr}"))
-    };
+    let start_fake = |access: &str, secret: &str| start_fake(access, secret, &[]);
     let (product_fake, product_url) = start_fake("product-ak", "product-sk");
     let (mgmt_fake, mgmt_url) = start_fake("mgmt-ak", "mgmt-sk");
     let (token_port, ops_port) = (free_port(), free_port());
@@ -105,6 +107,72 @@ fn two_profiles_through_the_binary_each_served_and_reported() {
     for secret in ["product-sk", "mgmt-sk"] {
         assert!(!log.contains(secret), "{secret} leaked");
     }
+    product_fake.stop();
+    mgmt_fake.stop();
+}
+
+/// Isolation through the binary: the second profile's Klavi hangs on
+/// every call, and the default profile is served, ready and refreshed as
+/// if it were alone, while readiness names the profile that is not.
+#[test]
+fn a_hanging_profile_does_not_hold_up_the_other_through_the_binary() {
+    let (product_fake, product_url) = start_fake("product-ak", "product-sk", &[]);
+    let (mgmt_fake, mgmt_url) = start_fake(
+        "mgmt-ak",
+        "mgmt-sk",
+        &["--faults", "hang", "--fault-rate", "1"],
+    );
+    let (token, ops) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let env = [
+        ("KLAVI_ACCESS_KEY", "product-ak"),
+        ("KLAVI_SECRET_KEY", "product-sk"),
+        ("KLAVI_SIDECAR_KLAVI__BASE_URL", product_url.as_str()),
+        ("KLAVI_SIDECAR_PROFILES__MGMT__BASE_URL", mgmt_url.as_str()),
+        ("KLAVI_SIDECAR_PROFILES__MGMT__ACCESS_KEY", "mgmt-ak"),
+        ("KLAVI_SIDECAR_PROFILES__MGMT__SECRET_KEY", "mgmt-sk"),
+        ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "2000"),
+    ];
+    let service = Captured::spawn(sidecar(
+        &["run", "--listen", &token, "--ops-listen", &ops],
+        &env,
+    ));
+    service.wait_for_line("klavi-token-sidecar started");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(&token, "/token").starts_with("HTTP/1.1 200") {
+        assert!(
+            Instant::now() < deadline,
+            "the default profile was never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every default request is answered from the held token at once, never
+    // after the 2 s wait a request of the hanging neighbour gets.
+    for _ in 0..20 {
+        let asked = Instant::now();
+        let answer = get(&token, "/token");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    let mgmt = get(&token, "/profiles/mgmt/token");
+    assert!(mgmt.starts_with("HTTP/1.1 503"), "{mgmt}");
+    let ready = get(&ops, "/readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 503"),
+        "a required profile is not ready: {ready}"
+    );
+    let ready = body_of(&ready);
+    assert_eq!(ready["profiles"]["default"]["status"], "ready");
+    assert_ne!(ready["profiles"]["mgmt"]["status"], "ready");
+    let healthz = get(&ops, "/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    service.stop();
     product_fake.stop();
     mgmt_fake.stop();
 }
