@@ -9,6 +9,9 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
+/// What a secret prints as, everywhere (`Debug`, `Display`, `check-config`).
+pub const REDACTED: &str = "[REDACTED]";
+
 /// A string that must never reach a log, an error message or `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -37,13 +40,13 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
+        f.write_str(REDACTED)
     }
 }
 
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
+        f.write_str(REDACTED)
     }
 }
 

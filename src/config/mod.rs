@@ -164,20 +164,11 @@ impl Config {
     }
 }
 
-/// `runtime.worker_threads`, checked.
+/// `runtime.worker_threads`, checked against its range (0: one per CPU).
 pub fn worker_threads(runtime: &RawRuntime) -> Result<usize, ConfigError> {
-    let Range { low, high, .. } = ranges::range_of("runtime.worker_threads").unwrap_or(Range {
-        key: "runtime.worker_threads",
-        low: 0,
-        high: 64,
-    });
-    match runtime.worker_threads {
-        n if (low..=high).contains(&n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
-        n => Err(ConfigError::new(
-            "runtime.worker_threads",
-            format!("{n} is out of range: must be between {low} (one per CPU) and {high}"),
-        )),
-    }
+    const KEY: &str = "runtime.worker_threads";
+    ranges::check(KEY.to_string(), KEY, runtime.worker_threads)?;
+    Ok(usize::try_from(runtime.worker_threads).unwrap_or(usize::MAX))
 }
 
 /// The address to probe for `healthcheck`: the ops listener (or, when it is

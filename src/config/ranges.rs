@@ -101,7 +101,8 @@ impl KeyNames {
     }
 }
 
-fn check(name: String, table_key: &str, value: u64) -> Result<(), ConfigError> {
+/// `value` within `table_key`'s range; an error names the key as `name`.
+pub(super) fn check(name: String, table_key: &str, value: u64) -> Result<(), ConfigError> {
     match range_of(table_key) {
         Some(Range { low, high, .. }) if !(low..=high).contains(&value) => Err(ConfigError::new(
             name,

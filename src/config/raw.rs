@@ -376,6 +376,6 @@ impl<'de> Deserialize<'de> for Secret {
 /// Secrets serialise redacted, so printing a configuration cannot leak them.
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str("[REDACTED]")
+        serializer.serialize_str(crate::secret::REDACTED)
     }
 }

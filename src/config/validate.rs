@@ -15,14 +15,11 @@ use super::{
     RefreshConfig, ServerConfig, worker_threads,
 };
 use crate::cache::policy::RefreshPolicy;
-use crate::secret::Secret;
+use crate::secret::{REDACTED, Secret};
 use crate::serve::server::Limits;
 
 /// Longest profile name.
 const MAX_NAME_LEN: usize = 32;
-
-/// What a secret prints as (`check-config`): never a key.
-const REDACTED: &str = "[REDACTED]";
 
 impl Config {
     /// Checks every key and builds the typed configuration.
