@@ -63,22 +63,14 @@ pub struct Application {
 
 impl Application {
     /// Binds both listeners, then loads every profile's keys and builds its
-    /// Klavi client and store.
+    /// store (its Klavi client comes in [`Self::run_until_stopped`], off the
+    /// runtime's thread).
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let token_listener = server::bind("server.listen", config.server.listen).await?;
-        let token_addr = token_listener.local_addr().map_err(|source| BindError {
-            key: "server.listen",
-            addr: config.server.listen,
-            source,
-        })?;
+        let (token_listener, token_addr) =
+            server::bind("server.listen", config.server.listen).await?;
         let (ops_listener, ops_addr) = match config.server.ops_listen {
             Some(addr) => {
-                let listener = server::bind("server.ops_listen", addr).await?;
-                let bound = listener.local_addr().map_err(|source| BindError {
-                    key: "server.ops_listen",
-                    addr,
-                    source,
-                })?;
+                let (listener, bound) = server::bind("server.ops_listen", addr).await?;
                 (Some(listener), Some(bound))
             }
             None => (None, None),

@@ -167,7 +167,8 @@ pub async fn serve(
                 let connection = shared.overflow_registry.add(slot);
                 let shared2 = Arc::clone(&shared);
                 shared.tasks.spawn(async move {
-                    let driven = drive(&shared2, &shared2.overflow, stream, &connection);
+                    let lane = (&shared2.overflow, OVERFLOW_GRACE);
+                    let driven = drive(&shared2, lane, stream, &connection);
                     let _ = tokio::time::timeout(OVERFLOW_LIFETIME, driven).await;
                     shared2.overflow_registry.remove(&connection);
                 });
@@ -204,7 +205,8 @@ pub async fn serve(
 fn spawn_regular(shared: &Arc<Shared>, stream: TcpStream, connection: Arc<Connection>) {
     let shared2 = Arc::clone(shared);
     shared.tasks.spawn(async move {
-        drive(&shared2, &shared2.regular, stream, &connection).await;
+        let lane = (&shared2.regular, FRESH_GRACE);
+        drive(&shared2, lane, stream, &connection).await;
         shared2.registry.remove(&connection);
     });
 }
@@ -229,12 +231,13 @@ async fn drain(shared: &Shared, listener: TcpListener, grace: Duration) {
     }
 }
 
-/// Runs one connection until it ends: closing it gracefully on shutdown;
-/// when evicted, at once if its client stopped reading, else as soon as a
-/// read finds nothing; and at once when cut off.
+/// Runs one connection of a lane (its builder and eviction grace) until
+/// it ends: closing it gracefully on shutdown; when evicted, at once if its
+/// client stopped reading, else as soon as a read finds nothing; and at
+/// once when cut off.
 async fn drive(
     shared: &Shared,
-    builder: &hyper::server::conn::http1::Builder,
+    (builder, grace): (&hyper::server::conn::http1::Builder, Duration),
     stream: TcpStream,
     connection: &Arc<Connection>,
 ) {
@@ -266,7 +269,7 @@ async fn drive(
                 // it was not going to. Otherwise this only wakes the
                 // connection: polled again, it reads, and `Watched` ends it
                 // unless a request has arrived, which is answered first.
-                if connection.write_blocked(Instant::now(), FRESH_GRACE) {
+                if connection.write_blocked(Instant::now(), grace) {
                     return;
                 }
                 evicted = true;
@@ -281,8 +284,12 @@ async fn drive(
 const BACKLOG: u32 = 4096;
 
 /// Binds `addr` for the listener configured by `key`, with address reuse
-/// (a restarted sidecar rebinds at once) and a deep backlog.
-pub async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+/// (a restarted sidecar rebinds at once) and a deep backlog; returns the
+/// listener and the address it got (port 0 picks one).
+pub async fn bind(
+    key: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), BindError> {
     let error = |source| BindError { key, addr, source };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
@@ -292,7 +299,9 @@ pub async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Bi
     .map_err(error)?;
     socket.set_reuseaddr(true).map_err(error)?;
     socket.bind(addr).map_err(error)?;
-    socket.listen(BACKLOG).map_err(error)
+    let listener = socket.listen(BACKLOG).map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }
 
 /// A listener could not be bound.
