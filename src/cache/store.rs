@@ -227,6 +227,15 @@ impl TokenStore {
         (active, demand.seq)
     }
 
+    /// A fetch succeeded within `refresh.min_interval_secs` of `now`: its
+    /// token is the best Klavi gives now, and asking again would only
+    /// hammer it.
+    fn fetched_recently(&self, state: &RefreshState, now: Instant) -> bool {
+        state
+            .last_success_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval)
+    }
+
     fn add_demand(&self, change: impl FnOnce(&mut Demand)) -> u64 {
         let seq = {
             let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
@@ -264,10 +273,10 @@ impl TokenStore {
             if meets(&token, now) {
                 return Ok(Served { token, at: now });
             }
-            let recent = snapshot
-                .last_success_at
-                .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval);
-            if beyond_margin && recent && token.is_servable(now, margin) {
+            if beyond_margin
+                && self.fetched_recently(&snapshot, now)
+                && token.is_servable(now, margin)
+            {
                 return Err(self.unavailable(unsatisfiable(&token, now), now));
             }
         }
@@ -309,11 +318,9 @@ impl TokenStore {
     /// Klavi again; the flag says so.
     pub async fn force_refresh(&self) -> Result<(Served, bool), Unavailable> {
         let now = Instant::now();
-        let recent = self
-            .state()
-            .last_success_at
-            .is_some_and(|at| now.saturating_duration_since(at) < self.min_interval);
-        if recent && let Some(token) = self.servable(now) {
+        if self.fetched_recently(&self.state(), now)
+            && let Some(token) = self.servable(now)
+        {
             return Ok((Served { token, at: now }, true));
         }
         let deadline = now + self.wait;
