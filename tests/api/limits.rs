@@ -329,17 +329,34 @@ async fn probe(addr: std::net::SocketAddr) -> (bool, Duration) {
     (ok, started.elapsed())
 }
 
+/// The worst latency of `n` probes in a row, each asserted to get its 200.
+async fn worst_probe(addr: std::net::SocketAddr, n: usize) -> Duration {
+    let mut worst = Duration::ZERO;
+    for _ in 0..n {
+        let (ok, took) = probe(addr).await;
+        assert!(ok, "probe failed after {took:?}");
+        worst = worst.max(took);
+    }
+    worst
+}
+
+/// A sidecar whose listeners take at most 8 connections each (and 64 on
+/// the overflow lane).
+async fn capped_at_eight() -> TestApp {
+    TestApp::spawn_with(
+        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
+        |_| {},
+        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
+    )
+    .await
+}
+
 /// Review finding: clients that send pipelined requests and never read the
 /// answers held every slot (their connections were neither idle nor
 /// evictable), and kubelet's probes timed out.
 #[tokio::test]
 async fn clients_that_never_read_cannot_starve_a_probe() {
-    let app = TestApp::spawn_with(
-        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
-        |_| {},
-        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
-    )
-    .await;
+    let app = capped_at_eight().await;
     let pipelined = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(4000);
     let mut hogs = Vec::new();
     // The 8 slots and the whole overflow lane (64): every one a non-reader.
@@ -354,13 +371,8 @@ async fn clients_that_never_read_cannot_starve_a_probe() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    for _ in 0..3 {
-        let (ok, took) = probe(app.ops).await;
-        assert!(
-            ok && took < Duration::from_secs(1),
-            "probe: {ok} in {took:?}"
-        );
-    }
+    let worst = worst_probe(app.ops, 3).await;
+    assert!(worst < Duration::from_secs(1), "worst probe {worst:?}");
     for hog in hogs {
         hog.abort();
     }
@@ -375,12 +387,7 @@ async fn clients_that_never_read_cannot_starve_a_probe() {
 /// at once and no client request is lost.
 #[tokio::test]
 async fn more_busy_clients_than_slots_lose_nothing_and_cannot_starve_a_probe() {
-    let app = TestApp::spawn_with(
-        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
-        |_| {},
-        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
-    )
-    .await;
+    let app = capped_at_eight().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..30 {
@@ -402,12 +409,7 @@ async fn more_busy_clients_than_slots_lose_nothing_and_cannot_starve_a_probe() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut worst = Duration::ZERO;
-    for _ in 0..5 {
-        let (ok, took) = probe(app.ops).await;
-        assert!(ok, "probe failed after {took:?}");
-        worst = worst.max(took);
-    }
+    let worst = worst_probe(app.ops, 5).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = (0, 0);
     for client in clients {
@@ -431,12 +433,7 @@ async fn more_busy_clients_than_slots_lose_nothing_and_cannot_starve_a_probe() {
 /// a silent overflow connection gives its place to the next newcomer.
 #[tokio::test]
 async fn dribbling_readers_and_reconnecting_idle_sockets_cannot_starve_a_probe() {
-    let app = TestApp::spawn_with(
-        klavi_token_sidecar::fake_klavi::FakeKlaviConfig::default(),
-        |_| {},
-        &[("KLAVI_SIDECAR_SERVER__MAX_CONNECTIONS", "8")],
-    )
-    .await;
+    let app = capped_at_eight().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut attackers = Vec::new();
     // Eight dribblers: a request head one byte every 50 ms, read the answer,
@@ -486,12 +483,7 @@ async fn dribbling_readers_and_reconnecting_idle_sockets_cannot_starve_a_probe()
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut worst = Duration::ZERO;
-    for _ in 0..5 {
-        let (ok, took) = probe(app.ops).await;
-        assert!(ok, "probe failed after {took:?}");
-        worst = worst.max(took);
-    }
+    let worst = worst_probe(app.ops, 5).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for attacker in attackers {
         attacker.abort();

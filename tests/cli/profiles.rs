@@ -27,24 +27,64 @@ fn start_fake(access: &str, secret: &str, extra: &[&str]) -> (Captured, String) 
     (fake, format!("http://{addr}"))
 }
 
+/// Two fake Klavis, the Product API's (the default profile) and the
+/// Management API's (`mgmt`, started with `mgmt_faults`), and the
+/// environment of a sidecar serving both, plus `extra_env`.
+struct TwoProfiles {
+    product_fake: Captured,
+    mgmt_fake: Captured,
+    mgmt_url: String,
+    env: Vec<(&'static str, String)>,
+}
+
+impl TwoProfiles {
+    fn start(mgmt_faults: &[&str], extra_env: &[(&'static str, &str)]) -> Self {
+        let (product_fake, product_url) = start_fake("product-ak", "product-sk", &[]);
+        let (mgmt_fake, mgmt_url) = start_fake("mgmt-ak", "mgmt-sk", mgmt_faults);
+        let env: Vec<(&'static str, String)> = [
+            ("KLAVI_ACCESS_KEY", "product-ak"),
+            ("KLAVI_SECRET_KEY", "product-sk"),
+            ("KLAVI_SIDECAR_KLAVI__BASE_URL", product_url.as_str()),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__BASE_URL", mgmt_url.as_str()),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__ACCESS_KEY", "mgmt-ak"),
+            ("KLAVI_SIDECAR_PROFILES__MGMT__SECRET_KEY", "mgmt-sk"),
+        ]
+        .into_iter()
+        .chain(extra_env.iter().copied())
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        Self {
+            product_fake,
+            mgmt_fake,
+            mgmt_url,
+            env,
+        }
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+
+    fn stop(self) {
+        self.product_fake.stop();
+        self.mgmt_fake.stop();
+    }
+}
+
+/// Two loopback addresses on free ports: the token and ops listeners.
+fn listeners() -> (String, String) {
+    (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    )
+}
+
 #[test]
 fn two_profiles_through_the_binary_each_served_and_reported() {
-    let start_fake = |access: &str, secret: &str| start_fake(access, secret, &[]);
-    let (product_fake, product_url) = start_fake("product-ak", "product-sk");
-    let (mgmt_fake, mgmt_url) = start_fake("mgmt-ak", "mgmt-sk");
-    let (token_port, ops_port) = (free_port(), free_port());
-    let (token, ops) = (
-        format!("127.0.0.1:{token_port}"),
-        format!("127.0.0.1:{ops_port}"),
-    );
-    let env = [
-        ("KLAVI_ACCESS_KEY", "product-ak"),
-        ("KLAVI_SECRET_KEY", "product-sk"),
-        ("KLAVI_SIDECAR_KLAVI__BASE_URL", product_url.as_str()),
-        ("KLAVI_SIDECAR_PROFILES__MGMT__BASE_URL", mgmt_url.as_str()),
-        ("KLAVI_SIDECAR_PROFILES__MGMT__ACCESS_KEY", "mgmt-ak"),
-        ("KLAVI_SIDECAR_PROFILES__MGMT__SECRET_KEY", "mgmt-sk"),
-    ];
+    let fakes = TwoProfiles::start(&[], &[]);
+    let mgmt_url = fakes.mgmt_url.clone();
+    let (token, ops) = listeners();
+    let env = fakes.env();
     // check-config prints both profiles, redacted.
     let output = run(&["check-config"], &env);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
@@ -107,8 +147,7 @@ fn two_profiles_through_the_binary_each_served_and_reported() {
     for secret in ["product-sk", "mgmt-sk"] {
         assert!(!log.contains(secret), "{secret} leaked");
     }
-    product_fake.stop();
-    mgmt_fake.stop();
+    fakes.stop();
 }
 
 /// Isolation through the binary: the second profile's Klavi hangs on
@@ -116,25 +155,12 @@ fn two_profiles_through_the_binary_each_served_and_reported() {
 /// if it were alone, while readiness names the profile that is not.
 #[test]
 fn a_hanging_profile_does_not_hold_up_the_other_through_the_binary() {
-    let (product_fake, product_url) = start_fake("product-ak", "product-sk", &[]);
-    let (mgmt_fake, mgmt_url) = start_fake(
-        "mgmt-ak",
-        "mgmt-sk",
+    let fakes = TwoProfiles::start(
         &["--faults", "hang", "--fault-rate", "1"],
+        &[("KLAVI_SIDECAR_REFRESH__WAIT_MS", "2000")],
     );
-    let (token, ops) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let env = [
-        ("KLAVI_ACCESS_KEY", "product-ak"),
-        ("KLAVI_SECRET_KEY", "product-sk"),
-        ("KLAVI_SIDECAR_KLAVI__BASE_URL", product_url.as_str()),
-        ("KLAVI_SIDECAR_PROFILES__MGMT__BASE_URL", mgmt_url.as_str()),
-        ("KLAVI_SIDECAR_PROFILES__MGMT__ACCESS_KEY", "mgmt-ak"),
-        ("KLAVI_SIDECAR_PROFILES__MGMT__SECRET_KEY", "mgmt-sk"),
-        ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "2000"),
-    ];
+    let (token, ops) = listeners();
+    let env = fakes.env();
     let service = Captured::spawn(sidecar(
         &["run", "--listen", &token, "--ops-listen", &ops],
         &env,
@@ -173,6 +199,5 @@ fn a_hanging_profile_does_not_hold_up_the_other_through_the_binary() {
     let healthz = get(&ops, "/healthz");
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
     service.stop();
-    product_fake.stop();
-    mgmt_fake.stop();
+    fakes.stop();
 }

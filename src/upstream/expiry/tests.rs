@@ -27,6 +27,11 @@ fn timing() -> Timing {
     }
 }
 
+/// A body that must parse.
+fn parsed(body: &str) -> AuthBody {
+    parse_auth_body(body.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Parses and resolves a body sent and received at NOW, fallback 300 s.
 fn lifetime_of(body: &str) -> Result<(u64, &'static str), InvalidResponse> {
     let parsed = parse_auth_body(body.as_bytes())?;
@@ -214,13 +219,11 @@ fn body_over_64_kib_is_refused() {
 #[test]
 fn lifetime_counts_from_the_moment_the_request_was_sent() {
     // Sent at NOW, answered 3 s later with expireIn 60: 60 s from sending.
-    let body = parse_auth_body(br#"{"accessToken":"t","expireIn":60}"#).map_err(|e| e.to_string());
-    let body = body.unwrap_or_else(|e| panic!("{e}"));
+    let body = parsed(r#"{"accessToken":"t","expireIn":60}"#);
     let timing = Timing {
-        sent: at(NOW),
         received: at(NOW + 3),
-        date_header: None,
         elapsed: Duration::from_secs(3),
+        ..timing()
     };
     let resolved = resolve(&body, timing, Duration::from_secs(300));
     assert_eq!(
@@ -247,16 +250,11 @@ fn date_header_skew_table() {
             r#"{{"accessToken":"t","expireAt":{}}}"#,
             klavi_now + expire_in_klavi_time
         );
-        let parsed = parse_auth_body(body.as_bytes())
-            .map_err(|e| e.to_string())
-            .unwrap_or_else(|e| panic!("{e}"));
         let timing = Timing {
-            sent: at(NOW),
-            received: at(NOW),
             date_header: Some(at(klavi_now)),
-            elapsed: Duration::ZERO,
+            ..timing()
         };
-        let resolved = resolve(&parsed, timing, Duration::from_secs(300));
+        let resolved = resolve(&parsed(&body), timing, Duration::from_secs(300));
         assert_eq!(
             resolved.map(|r| (r.lifetime.as_secs(), r.skew_secs)),
             Ok((expected, reported)),
@@ -270,17 +268,12 @@ fn skew_also_moves_the_jwt_exp_but_not_relative_expiries() {
     // Klavi 1 h ahead; the JWT says exp = Klavi's now + 100.
     let klavi_now = NOW + 3600;
     let token = jwt(&format!(r#"{{"exp":{}}}"#, klavi_now + 100));
-    let parsed =
-        parse_auth_body(format!(r#"{{"accessToken":"{token}","expireIn":500}}"#).as_bytes())
-            .map_err(|e| e.to_string())
-            .unwrap_or_else(|e| panic!("{e}"));
+    let body = parsed(&format!(r#"{{"accessToken":"{token}","expireIn":500}}"#));
     let timing = Timing {
-        sent: at(NOW),
-        received: at(NOW),
         date_header: Some(at(klavi_now)),
-        elapsed: Duration::ZERO,
+        ..timing()
     };
-    let resolved = resolve(&parsed, timing, Duration::from_secs(300));
+    let resolved = resolve(&body, timing, Duration::from_secs(300));
     assert_eq!(
         resolved.map(|r| (r.lifetime.as_secs(), r.source)),
         Ok((100, "exp"))
@@ -309,9 +302,7 @@ fn a_wall_clock_jump_during_the_request_never_makes_a_token_fresher() {
         (-4, true, Some(300)),
     ];
     let body = format!(r#"{{"accessToken":"t","expireAt":{}}}"#, NOW + 300);
-    let parsed = parse_auth_body(body.as_bytes())
-        .map_err(|e| e.to_string())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let parsed = parsed(&body);
     for (jump, with_date, expected) in cases {
         let timing = Timing {
             sent: at(NOW),
