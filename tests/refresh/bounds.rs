@@ -104,18 +104,22 @@ async fn the_budget_caps_a_schedule_that_would_storm() {
 }
 
 /// The worst client: forced refreshes and unmeetable min_ttl in a loop,
-/// against a Klavi that answers anything. Never more than the budget in
-/// any minute, and never two failures' retries closer than the floor.
+/// against a Klavi that answers anything (`Retry-After: 0`, 5xx, rejected
+/// keys, a 20 s hang, garbage, tokens due at once). Never more than the
+/// budget in any minute, never two fetches at once, and never two
+/// failures' retries closer than the floor.
 #[tokio::test(start_paused = true)]
 async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
     let script: Vec<Step> = (0..400)
-        .map(|i| match i % 7 {
+        .map(|i| match i % 9 {
             0 => Step::Status(429, Some(Duration::ZERO), Duration::ZERO),
             1 => Step::Status(503, None, Duration::ZERO),
             2 => Step::Token(Duration::from_millis(5200), Duration::ZERO, None),
             3 => Step::Invalid,
             4 => Step::Status(500, None, Duration::ZERO),
             5 => Step::Token(secs(300), Duration::from_millis(50), None),
+            6 => Step::Status(401, None, Duration::ZERO),
+            7 => Step::Status(503, Some(Duration::ZERO), secs(20)),
             _ => Step::Token(secs(3), Duration::ZERO, None),
         })
         .collect();
@@ -140,6 +144,7 @@ async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
     }
     let times = h.stats.call_times.lock().unwrap().clone();
     assert!(times.len() > 2 * limit as usize, "{} calls", times.len());
+    assert_eq!(h.stats.max_in_flight.load(Ordering::SeqCst), 1);
     assert!(
         most_in_any_minute(&times) <= limit as usize,
         "{} in a minute",
