@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::refresher::{RefreshObserver, Refresher};
 use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
-use crate::config::{Config, ConfigError, ProfileConfig};
+use crate::config::{Config, ConfigError, ProfileConfig, TokenMode};
 use crate::ops::metrics::Metrics;
 use crate::profile::{Profile, Profiles};
 use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
@@ -79,11 +79,13 @@ impl Application {
         for profile in &config.profiles {
             let credentials = Arc::new(Credentials::load(&profile.name, &profile.klavi)?);
             let refresh = &profile.refresh;
-            let store = Arc::new(TokenStore::new(
-                refresh.policy.serve_margin,
-                refresh.policy.min_interval,
-                refresh.wait,
-            ));
+            let (margin, min_interval) = (refresh.policy.serve_margin, refresh.policy.min_interval);
+            let store = Arc::new(match profile.mode {
+                TokenMode::Shared => TokenStore::new(margin, min_interval, refresh.wait),
+                TokenMode::SingleUse { pool_size } => {
+                    TokenStore::single_use(margin, min_interval, refresh.wait, pool_size)
+                }
+            });
             profiles.push(Parts {
                 config: profile.clone(),
                 credentials,
@@ -132,10 +134,14 @@ impl Application {
                 // Alive from the start: its task follows in milliseconds,
                 // or the process stops.
                 p.store.update_state(|s| s.task_alive = true);
+                let profile_metrics = metrics.profile(&p.config.name);
+                if p.store.is_single_use() {
+                    profile_metrics.single_use();
+                }
                 Arc::new(Profile::new(
                     &p.config.name,
                     Arc::clone(&p.store),
-                    metrics.profile(&p.config.name),
+                    profile_metrics,
                     p.config.required,
                 ))
             })
@@ -237,10 +243,16 @@ impl Application {
             "klavi-token-sidecar started"
         );
         for profile in &config.profiles {
+            let (mode, pool_size) = match profile.mode {
+                TokenMode::Shared => ("shared", None),
+                TokenMode::SingleUse { pool_size } => ("single_use", Some(pool_size)),
+            };
             tracing::info!(
                 profile = %profile.name,
                 klavi = %profile.klavi.auth_url,
                 required = profile.required,
+                mode,
+                pool_size,
                 "profile serving"
             );
         }

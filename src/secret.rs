@@ -8,6 +8,7 @@
 use std::fmt;
 
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq as _;
 
 /// What a secret prints as, everywhere (`Debug`, `Display`, `check-config`).
 pub const REDACTED: &str = "[REDACTED]";
@@ -36,6 +37,51 @@ impl Secret {
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.0)
     }
+
+    /// SHA-256 of the value, for comparing tokens without keeping them.
+    pub fn digest(&self) -> TokenDigest {
+        TokenDigest::of(&self.0)
+    }
+}
+
+/// The SHA-256 of a token: what the sidecar compares and remembers of a
+/// token it must recognise (a rejected one, one already leased), so it
+/// keeps nothing that could be served or leaked. Equality is constant
+/// time, so comparing a guess against the current token tells a timing
+/// attacker nothing.
+#[derive(Clone, Copy)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    /// The digest of `value`.
+    pub fn of(value: &str) -> Self {
+        Self(Sha256::digest(value.as_bytes()).into())
+    }
+
+    /// First 8 hex digits: the token's fingerprint, safe to log.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(&self.0[..4])
+    }
+}
+
+impl PartialEq for TokenDigest {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for TokenDigest {}
+
+impl std::hash::Hash for TokenDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TokenDigest({})", self.fingerprint())
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -53,8 +99,7 @@ impl fmt::Display for Secret {
 /// First 8 hex digits of the SHA-256 of `value`: enough to tell tokens apart
 /// in logs, useless for recovering them.
 pub fn fingerprint(value: &str) -> String {
-    let digest = Sha256::digest(value.as_bytes());
-    hex::encode(&digest[..4])
+    TokenDigest::of(value).fingerprint()
 }
 
 #[cfg(test)]
@@ -75,5 +120,14 @@ mod tests {
         assert_eq!(fingerprint("abc"), "ba7816bf");
         assert_eq!(Secret::new("abc").fingerprint(), "ba7816bf");
         assert_ne!(fingerprint("abd"), fingerprint("abc"));
+    }
+
+    #[test]
+    fn digests_compare_by_value_and_debug_shows_only_the_fingerprint() {
+        let abc = Secret::new("abc").digest();
+        assert_eq!(abc, TokenDigest::of("abc"));
+        assert_ne!(abc, TokenDigest::of("abd"));
+        assert_ne!(abc, TokenDigest::of(""));
+        assert_eq!(format!("{abc:?}"), "TokenDigest(ba7816bf)");
     }
 }

@@ -6,7 +6,9 @@
 //! holds the [`token::Token`] for every consumer and runs the demand
 //! protocol the handlers wait on.
 
+pub mod digests;
 pub mod policy;
+pub mod pool;
 pub mod refresher;
 pub mod source;
 pub mod store;

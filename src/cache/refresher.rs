@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::cache::policy::{self, AuthBudget, BUDGET_WINDOW, Failure, RefreshPolicy};
+use crate::cache::pool::Pooled;
 use crate::cache::source::{Category, FetchError, TokenSource};
 use crate::cache::store::TokenStore;
 use crate::cache::token::Token;
@@ -46,6 +47,10 @@ pub trait RefreshObserver: Send + Sync + 'static {
 pub struct Unobserved;
 
 impl RefreshObserver for Unobserved {}
+
+/// How long the task sleeps when nothing is wanted (a single_use profile
+/// with `pool_size = 0` and no lease waiting); a demand wakes it sooner.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A source of jitter values in `[0, 1)`.
 pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
@@ -170,16 +175,29 @@ impl<S: TokenSource> Refresher<S> {
             // A demand brings the next attempt forward, but never past a
             // backoff, min_interval or the budget, and not for handlers
             // that will have stopped waiting by then.
-            let (demanded_until, seen) = self.store.pending_demand(now, &state);
-            let earliest = [
-                progress.backoff_until,
-                state
+            let pending = self.store.pending_demand(now, &state);
+            let seen = pending.seq;
+            // A single_use profile fetches when its pool wants a token
+            // (leases waiting, too few fresh ones), after any backoff.
+            if let Some(due) = self.store.pool_due(now) {
+                let due = due.unwrap_or(now + IDLE);
+                scheduled = progress.backoff_until.map_or(due, |at| due.max(at));
+            }
+            let backoff = progress.backoff_until.map_or(now, |at| at.max(now));
+            // A rejected token's replacement is wanted whether or not
+            // anyone still waits, and `min_interval` does not hold it back
+            // (the backoff and the budget still do).
+            let (earliest, demanded_until) = if pending.replacement {
+                (backoff, Some(now + IDLE))
+            } else {
+                let after_success = state
                     .last_success_at
-                    .map(|at| at + self.policy.min_interval),
-            ]
-            .into_iter()
-            .flatten()
-            .fold(now, Instant::max);
+                    .map(|at| at + self.policy.min_interval);
+                (
+                    after_success.map_or(backoff, |at| at.max(backoff)),
+                    pending.until,
+                )
+            };
             let budget_at = budget.next_allowed(now);
             let wanted = match demanded_until {
                 Some(until) if earliest < until => scheduled.min(earliest),
@@ -256,6 +274,7 @@ impl<S: TokenSource> Refresher<S> {
                 () = stop.cancelled() => return,
                 outcome = self.source.fetch().instrument(span.clone()) => outcome,
             };
+            let outcome = outcome.and_then(|token| self.refuse_known(token));
             let duration = started.elapsed();
             span.record("duration_ms", duration.as_millis() as u64);
             let _entered = span.enter();
@@ -288,6 +307,25 @@ impl<S: TokenSource> Refresher<S> {
                 "refresh attempt finished"
             );
         }
+    }
+
+    /// A token that must not be served is a failed attempt: one reported
+    /// rejected (guarantee 11), or for a single_use profile one Klavi sent
+    /// before (guarantee 12).
+    fn refuse_known(&self, token: Token) -> Result<Token, FetchError> {
+        if self.store.is_rejected(&token) {
+            return Err(FetchError::Invalid(format!(
+                "Klavi sent back token {}, which was reported rejected",
+                token.fingerprint()
+            )));
+        }
+        if self.store.seen_before(&token) {
+            return Err(FetchError::Invalid(format!(
+                "Klavi sent token {} again; a single_use profile never hands one out twice",
+                token.fingerprint()
+            )));
+        }
+        Ok(token)
     }
 
     /// Stores a fetched token; returns when to refresh next.
@@ -327,17 +365,38 @@ impl<S: TokenSource> Refresher<S> {
             if !std::mem::take(&mut progress.logged_failures).is_empty() {
                 tracing::info!(profile = %self.name, "token refresh recovered");
             }
-            tracing::info!(
-                profile = %self.name,
-                fingerprint = token.fingerprint(),
-                expires_in_secs = token.remaining(now).as_secs(),
-                next_refresh_in_secs = plan.delay.as_secs(),
-                "token refreshed"
-            );
+            if self.store.is_single_use() {
+                tracing::info!(
+                    profile = %self.name,
+                    fingerprint = token.fingerprint(),
+                    expires_in_secs = token.remaining(now).as_secs(),
+                    "token fetched for the lease pool"
+                );
+            } else {
+                tracing::info!(
+                    profile = %self.name,
+                    fingerprint = token.fingerprint(),
+                    expires_in_secs = token.remaining(now).as_secs(),
+                    next_refresh_in_secs = plan.delay.as_secs(),
+                    "token refreshed"
+                );
+            }
         }
         progress.failures = 0;
-        if !keep_held {
-            self.store.set_token(Arc::new(token));
+        if self.store.is_single_use() {
+            let jitter = (self.jitter)();
+            let fresh_until =
+                token.sent_at() + policy::refresh_offset(token.lifetime(), &self.policy, jitter);
+            let pooled = Pooled {
+                token: Arc::new(token),
+                fresh_until,
+            };
+            if self.store.deposit(pooled).is_err() {
+                tracing::warn!(profile = %self.name, "Klavi sent a token it had sent before; not leased");
+            }
+        } else if !keep_held && !self.store.set_token(Arc::new(token)) {
+            // Rejected while it was on its way here: never stored.
+            tracing::debug!(profile = %self.name, "fetched token was reported rejected meanwhile");
         }
         self.store.update_state(|s| {
             s.fetching = false;

@@ -12,11 +12,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::cache::digests::ExpiringDigests;
+use crate::cache::pool::{Duplicate, Grant, Lease, Pool, Pooled};
 use crate::cache::source::Category;
 use crate::cache::token::Token;
+use crate::secret::TokenDigest;
 
 /// What the refresh task publishes after every step.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,6 +69,10 @@ pub struct Demand {
     /// A fetch completed after this many completions is wanted (a forced
     /// refresh), until the deadline.
     pub completion_after: Option<(u64, Instant)>,
+    /// The current token was reported rejected and dropped: a replacement
+    /// is wanted at once, not held back by `min_interval_secs`, whether
+    /// or not anyone still waits, until a token is held again.
+    pub replacement: bool,
 }
 
 impl Demand {
@@ -87,6 +94,9 @@ impl Demand {
             && (state.completed > after || deadline <= now)
         {
             self.completion_after = None;
+        }
+        if token.is_some() {
+            self.replacement = false;
         }
         [
             self.min_remaining.map(|m| m.until),
@@ -147,10 +157,103 @@ pub enum UnavailableReason {
     },
 }
 
+/// What waiting handlers ask of the refresh task, as it reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Pending {
+    /// Until when some handler waits for a fetch.
+    pub until: Option<Instant>,
+    /// The demand sequence seen.
+    pub seq: u64,
+    /// A rejected token wants its replacement now (see
+    /// [`Demand::replacement`]).
+    pub replacement: bool,
+}
+
+/// What a report of a rejected token found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// It was the current token: dropped, never to be served again, and
+    /// a replacement fetched.
+    Marked,
+    /// It was not the current token (already replaced, or unknown):
+    /// nothing changed.
+    NotCurrent,
+}
+
+/// A profile's readiness, as `/readyz` and the `ready` gauge report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// A token can be served (a shared profile) or leased (single_use);
+    /// with this much left (the longest pooled one, for a pool).
+    Ready(Option<Duration>),
+    /// Not ready, and why.
+    NotReady(NotReadyReason),
+}
+
+/// Why a profile is not ready (the `reason` of `/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReadyReason {
+    /// No token has been fetched yet.
+    NoTokenYet,
+    /// The token held has less than the serve margin left.
+    TokenExpired,
+    /// The token was reported rejected; its replacement is pending.
+    TokenRejected,
+    /// A single_use profile has no token to lease.
+    PoolEmpty,
+}
+
+impl NotReadyReason {
+    /// The snake_case name `/readyz` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoTokenYet => "no_token_yet",
+            Self::TokenExpired => "token_expired",
+            Self::TokenRejected => "token_rejected",
+            Self::PoolEmpty => "pool_empty",
+        }
+    }
+}
+
+/// A lease that waits in the pool's queue; leaving (given up, or the
+/// handler dropped) takes it out, and a token granted meanwhile goes back
+/// to the pool, never handed out.
+struct Waiting<'a> {
+    pool: &'a Mutex<Pool>,
+    id: u64,
+    reply: oneshot::Receiver<Grant>,
+}
+
+impl Waiting<'_> {
+    /// Leaves the queue; a grant that arrived meanwhile is the answer.
+    fn leave(&mut self) -> Option<Grant> {
+        lock(self.pool).cancel(self.id);
+        self.reply.try_recv().ok()
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(Grant::Token { pooled, .. }) = self.leave() {
+            lock(self.pool).restore(pooled, Instant::now());
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Shared between the refresh task and the HTTP handlers.
 #[derive(Debug)]
 pub struct TokenStore {
     current: ArcSwapOption<Token>,
+    /// Tokens reported rejected, until they expire. Its lock also orders
+    /// storing a token against rejecting one, so a token rejected while
+    /// a fetch brings it back is never stored again.
+    rejected: Mutex<ExpiringDigests>,
+    /// single_use profiles: the lease pool (then `current` stays empty).
+    pool: Option<Mutex<Pool>>,
     state: watch::Sender<RefreshState>,
     demand: Mutex<Demand>,
     demand_signal: Notify,
@@ -164,6 +267,8 @@ impl TokenStore {
     pub fn new(serve_margin: Duration, min_interval: Duration, wait: Duration) -> Self {
         Self {
             current: ArcSwapOption::empty(),
+            rejected: Mutex::new(ExpiringDigests::default()),
+            pool: None,
             state: watch::Sender::new(RefreshState::default()),
             demand: Mutex::new(Demand::default()),
             demand_signal: Notify::new(),
@@ -171,6 +276,26 @@ impl TokenStore {
             min_interval,
             wait,
         }
+    }
+
+    /// An empty store for a single_use profile: its refresh task keeps
+    /// `pool_size` tokens ready to lease, and nothing is ever served
+    /// twice.
+    pub fn single_use(
+        serve_margin: Duration,
+        min_interval: Duration,
+        wait: Duration,
+        pool_size: usize,
+    ) -> Self {
+        Self {
+            pool: Some(Mutex::new(Pool::new(pool_size, serve_margin))),
+            ..Self::new(serve_margin, min_interval, wait)
+        }
+    }
+
+    /// Whether tokens are leased (single_use) rather than shared.
+    pub fn is_single_use(&self) -> bool {
+        self.pool.is_some()
     }
 
     /// The token held, servable or not.
@@ -197,9 +322,102 @@ impl TokenStore {
         self.state.subscribe()
     }
 
-    /// Replaces the token (the refresh task's job; public for tests).
-    pub fn set_token(&self, token: Arc<Token>) {
+    /// Replaces the token (the refresh task's job; public for tests),
+    /// unless it was reported rejected: then it returns false and the
+    /// store stays as it was.
+    pub fn set_token(&self, token: Arc<Token>) -> bool {
+        let rejected = lock(&self.rejected);
+        if rejected.contains(token.digest(), Instant::now()) {
+            return false;
+        }
         self.current.store(Some(token));
+        true
+    }
+
+    /// Whether `token` was reported rejected (and has not expired).
+    pub fn is_rejected(&self, token: &Token) -> bool {
+        lock(&self.rejected).contains(token.digest(), Instant::now())
+    }
+
+    /// Klavi refused the token whose digest is `rejected`: if it is the
+    /// current one, it is dropped and remembered until it expires, so no
+    /// route serves it again, and a replacement is demanded at once.
+    /// Compared in constant time; only the digest is kept.
+    pub fn reject(&self, rejected: &TokenDigest) -> Rejection {
+        {
+            let mut digests = lock(&self.rejected);
+            let current = self.current.load_full();
+            match current {
+                Some(token) if token.digest() == rejected => {
+                    digests.insert(*rejected, token.expires_at(), Instant::now());
+                    self.current.store(None);
+                }
+                _ => return Rejection::NotCurrent,
+            }
+        }
+        self.add_demand(|d| d.replacement = true);
+        Rejection::Marked
+    }
+
+    /// The token named rejected is gone and its replacement not yet here.
+    pub fn awaiting_replacement(&self) -> bool {
+        self.current.load().is_none() && lock(&self.demand).replacement
+    }
+
+    /// For a single_use profile's refresh task: puts a fetched token into
+    /// the pool (or straight to a waiting lease); refused if Klavi sent
+    /// it before.
+    pub(crate) fn deposit(&self, pooled: Pooled) -> Result<(), Duplicate> {
+        match &self.pool {
+            Some(pool) => lock(pool).deposit(pooled, Instant::now()),
+            None => Err(Duplicate),
+        }
+    }
+
+    /// For a single_use profile: whether Klavi sent `token` before.
+    pub(crate) fn seen_before(&self, token: &Token) -> bool {
+        // Depositing checks too; asking first lets the refresh task count
+        // it as the failure it is rather than as a success.
+        self.pool
+            .as_ref()
+            .is_some_and(|pool| lock(pool).has_seen(token, Instant::now()))
+    }
+
+    /// For a single_use profile's refresh task: when the next fetch is
+    /// wanted (`Some(None)`: nothing is); `None` for a shared profile.
+    pub(crate) fn pool_due(&self, now: Instant) -> Option<Option<Instant>> {
+        self.pool.as_ref().map(|pool| lock(pool).due(now))
+    }
+
+    /// Tokens ready to lease now (0 for a shared profile).
+    pub fn pooled(&self, now: Instant) -> usize {
+        self.pool.as_ref().map_or(0, |pool| lock(pool).ready(now))
+    }
+
+    /// Whether the profile is ready, and if not why.
+    pub fn readiness(&self, now: Instant) -> Readiness {
+        if let Some(pool) = &self.pool {
+            let pool = lock(pool);
+            let ready = pool.ready(now);
+            // A pool of size 0 fetches per lease: ready unless the last
+            // attempt failed.
+            let failed = self.state.borrow().last_error.is_some();
+            return if ready > 0 || (pool.size() == 0 && !failed) {
+                Readiness::Ready(None)
+            } else {
+                Readiness::NotReady(NotReadyReason::PoolEmpty)
+            };
+        }
+        if let Some(token) = self.servable(now) {
+            return Readiness::Ready(Some(token.remaining(now)));
+        }
+        Readiness::NotReady(if self.awaiting_replacement() {
+            NotReadyReason::TokenRejected
+        } else if self.current().is_some() {
+            NotReadyReason::TokenExpired
+        } else {
+            NotReadyReason::NoTokenYet
+        })
     }
 
     /// For the refresh task (and the app that starts it): publishes a
@@ -216,15 +434,15 @@ impl TokenStore {
     /// For the refresh task: until when a demand still asks for a fetch
     /// (after dropping what is met, answered or expired), and the demand
     /// sequence seen.
-    pub(crate) fn pending_demand(
-        &self,
-        now: Instant,
-        state: &RefreshState,
-    ) -> (Option<Instant>, u64) {
+    pub(crate) fn pending_demand(&self, now: Instant, state: &RefreshState) -> Pending {
         let token = self.current.load_full();
-        let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
-        let active = demand.prune(now, token.as_deref(), state);
-        (active, demand.seq)
+        let mut demand = lock(&self.demand);
+        let until = demand.prune(now, token.as_deref(), state);
+        Pending {
+            until,
+            seq: demand.seq,
+            replacement: demand.replacement,
+        }
     }
 
     /// A fetch succeeded within `refresh.min_interval_secs` of `now`: its
@@ -238,7 +456,7 @@ impl TokenStore {
 
     fn add_demand(&self, change: impl FnOnce(&mut Demand)) -> u64 {
         let seq = {
-            let mut demand = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut demand = lock(&self.demand);
             change(&mut demand);
             demand.seq += 1;
             demand.seq
@@ -344,6 +562,92 @@ impl TokenStore {
         .map(|token| (token, false))
     }
 
+    /// After Klavi refused `rejected`: if it is the current token, it is
+    /// never served again and a fresh one is fetched at once (coalesced,
+    /// not held back by `min_interval_secs`, within the budget) and
+    /// returned; otherwise the current token is returned, waiting as
+    /// `GET /token` would if none is servable, and nothing is fetched for
+    /// it.
+    pub async fn replace_rejected(
+        &self,
+        rejected: &TokenDigest,
+    ) -> Result<(Served, Rejection), Unavailable> {
+        let rejection = self.reject(rejected);
+        let served = self.token_with(Duration::ZERO).await?;
+        Ok((served, rejection))
+    }
+
+    /// A single_use profile's lease: a token no caller was given before,
+    /// with at least `min_remaining` left (never less than the margin),
+    /// from the pool or, when it has none, the next fetch, waiting up to
+    /// `refresh.wait_ms`; waiters are served first come, first served.
+    /// The flag says whether it had to wait.
+    pub async fn lease(&self, min_remaining: Duration) -> Result<(Served, bool), Unavailable> {
+        let now = Instant::now();
+        let Some(pool) = &self.pool else {
+            return Err(self.unavailable(UnavailableReason::Failed, now));
+        };
+        let mut state = self.subscribe();
+        let snapshot = state.borrow_and_update().clone();
+        let recently = min_remaining > self.serve_margin && self.fetched_recently(&snapshot, now);
+        let (reply, receiver) = oneshot::channel();
+        let queued = lock(pool).lease(now, min_remaining, recently, reply);
+        let id = match queued {
+            Lease::Now(token) => {
+                // The pool may now be short: the refresh task looks.
+                self.demand_signal.notify_one();
+                return Ok((Served { token, at: now }, false));
+            }
+            Lease::Unsatisfiable { max_ttl_secs } => {
+                let reason = UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs };
+                return Err(self.unavailable(reason, now));
+            }
+            Lease::Queued(id) => id,
+        };
+        let mut waiting = Waiting {
+            pool,
+            id,
+            reply: receiver,
+        };
+        let seq = self.add_demand(|_| {});
+        let deadline = now + self.wait;
+        let granted = |grant: Grant| match grant {
+            Grant::Token { pooled, at } => Ok((
+                Served {
+                    token: pooled.token,
+                    at,
+                },
+                true,
+            )),
+            Grant::Unsatisfiable { max_ttl_secs } => Err(self.unavailable(
+                UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs },
+                Instant::now(),
+            )),
+        };
+        loop {
+            let snapshot = state.borrow_and_update().clone();
+            let gave_up = match self.hopeless(&snapshot, seq, deadline) {
+                Some(reason) => reason,
+                None => tokio::select! {
+                    grant = &mut waiting.reply => match grant {
+                        Ok(grant) => return granted(grant),
+                        Err(_) => UnavailableReason::TaskStopped,
+                    },
+                    changed = state.changed() => match changed {
+                        Ok(()) => continue,
+                        Err(_) => UnavailableReason::TaskStopped,
+                    },
+                    () = tokio::time::sleep_until(deadline) => UnavailableReason::Timeout,
+                },
+            };
+            // A grant that arrived as the wait ended is still the answer.
+            return match waiting.leave() {
+                Some(grant) => granted(grant),
+                None => Err(self.unavailable(gave_up, Instant::now())),
+            };
+        }
+    }
+
     /// Waits on the refresh task's state until `done` has an answer, the
     /// wait is hopeless, or `deadline` passes.
     async fn wait_for(
@@ -447,6 +751,7 @@ mod tests {
             seq: 1,
             min_remaining,
             completion_after: after,
+            replacement: false,
         };
         let state = |completed: u64, successes: u64| RefreshState {
             completed,
@@ -496,5 +801,14 @@ mod tests {
             let before = demand;
             assert_eq!(demand.prune(now, token, &state), active, "{before:?}");
         }
+        // A rejected token's replacement is wanted until a token is held.
+        let mut replacing = Demand {
+            replacement: true,
+            ..Demand::default()
+        };
+        replacing.prune(now, None, &state(3, 3));
+        assert!(replacing.replacement);
+        replacing.prune(now, Some(&t100), &state(3, 3));
+        assert!(!replacing.replacement);
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use crate::clock::unix_secs;
-use crate::secret::Secret;
+use crate::secret::{Secret, TokenDigest};
 
 /// An access token with its deadline on the monotonic clock.
 ///
@@ -17,6 +17,7 @@ use crate::secret::Secret;
 #[derive(Clone)]
 pub struct Token {
     value: Secret,
+    digest: TokenDigest,
     fingerprint: String,
     sent_at: Instant,
     expires_at: Instant,
@@ -55,8 +56,10 @@ impl Token {
         let lifetime = lifetime.saturating_sub(fraction);
         let expires_at = sent_at.checked_add(lifetime).unwrap_or(sent_at);
         let expire_at_unix = whole as i64;
+        let digest = value.digest();
         Self {
-            fingerprint: value.fingerprint(),
+            fingerprint: digest.fingerprint(),
+            digest,
             value,
             sent_at,
             expires_at,
@@ -67,6 +70,11 @@ impl Token {
     /// The token itself.
     pub fn value(&self) -> &Secret {
         &self.value
+    }
+
+    /// Its SHA-256, to recognise it (rejected, already leased) by.
+    pub fn digest(&self) -> &TokenDigest {
+        &self.digest
     }
 
     /// Safe-to-log fingerprint of the token.

@@ -106,6 +106,19 @@ pub struct RefreshConfig {
     pub fallback_ttl: Duration,
 }
 
+/// How a profile hands out tokens (`klavi.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMode {
+    /// One token, reused by every caller (`GET /token`).
+    Shared,
+    /// Every lease gets a token never handed out before
+    /// (`POST /token/lease`).
+    SingleUse {
+        /// Tokens fetched ahead and held ready.
+        pool_size: usize,
+    },
+}
+
 /// One profile: a key pair and everything about getting its tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProfileConfig {
@@ -117,6 +130,11 @@ pub struct ProfileConfig {
     pub refresh: RefreshConfig,
     /// `/readyz` waits for this profile.
     pub required: bool,
+    /// Shared or single_use.
+    pub mode: TokenMode,
+    /// Shares its token through the fleet's Redis when `[fleet]` is on
+    /// (never for a single_use profile).
+    pub fleet: bool,
     /// Reserved for the proxy (must be empty in this version).
     pub proxy_listen: String,
     /// Reserved for the token file (must be empty in this version).

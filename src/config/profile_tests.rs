@@ -253,6 +253,26 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
             "profiles.b.proxy_listen",
             "cannot share",
         ),
+        (
+            format!("[profiles.pay]\n{keys}mode = \"single-use\"\n"),
+            "profiles.pay.mode",
+            "\"shared\", \"single_use\"",
+        ),
+        (
+            format!("[profiles.pay]\n{keys}mode = \"single_use\"\ntoken_file = \"/t/tok\"\n"),
+            "profiles.pay.token_file",
+            "single_use profile cannot have a token file",
+        ),
+        (
+            format!("[profiles.pay]\n{keys}mode = \"single_use\"\nfleet = true\n"),
+            "profiles.pay.fleet",
+            "cannot be in the fleet",
+        ),
+        (
+            format!("[profiles.pay]\n{keys}mode = \"single_use\"\npool_size = 101\n"),
+            "profiles.pay.pool_size",
+            "between 0 and 100",
+        ),
     ];
     for (toml, key, needle) in cases {
         let e = error(&toml, &[]);
@@ -302,4 +322,38 @@ fn check_config_prints_every_profile_in_full_and_redacted() {
         again.profile("mgmt").map(|p| &p.refresh),
         config.profile("mgmt").map(|p| &p.refresh)
     );
+}
+
+#[test]
+fn modes_pool_sizes_and_fleet_defaults() {
+    let toml = "[klavi]\naccess_key = \"a\"\nsecret_key = \"s\"\n\
+                [profiles.pay]\naccess_key = \"b\"\nsecret_key = \"t\"\nmode = \"single_use\"\n\
+                [profiles.batch]\naccess_key = \"c\"\nsecret_key = \"u\"\nmode = \"single_use\"\n\
+                pool_size = 0\nfleet = false\n\
+                [profiles.solo]\naccess_key = \"d\"\nsecret_key = \"v\"\nfleet = false\n";
+    let config = loaded(toml, &[("KLAVI_SIDECAR_PROFILES__BATCH__POOL_SIZE", "7")]);
+    let get = |name: &str| config.profile(name).unwrap_or_else(|| panic!("{name}"));
+    assert_eq!(get("default").mode, TokenMode::Shared);
+    assert!(
+        get("default").fleet,
+        "a shared profile is in the fleet by default"
+    );
+    assert_eq!(get("pay").mode, TokenMode::SingleUse { pool_size: 2 });
+    assert!(!get("pay").fleet, "a single_use profile never is");
+    assert_eq!(get("batch").mode, TokenMode::SingleUse { pool_size: 7 });
+    assert!(!get("solo").fleet);
+    // Not inherited: [klavi]'s mode does not make the others single_use.
+    let toml = "[klavi]\naccess_key = \"a\"\nsecret_key = \"s\"\nmode = \"single_use\"\n\
+                [profiles.other]\naccess_key = \"b\"\nsecret_key = \"t\"\n";
+    let config = loaded(toml, &[]);
+    assert_eq!(
+        config.profile("default").map(|p| p.mode),
+        Some(TokenMode::SingleUse { pool_size: 2 })
+    );
+    assert_eq!(
+        config.profile("other").map(|p| p.mode),
+        Some(TokenMode::Shared)
+    );
+    let text = config.to_redacted_toml();
+    assert!(text.contains("mode = \"shared\""), "{text}");
 }

@@ -34,7 +34,7 @@ const DAY: u64 = 24 * HOUR;
 /// are where zero would spin a loop (`backoff_initial_ms`,
 /// `min_interval_secs`, `max_auth_per_minute`) or make a wait impossible
 /// (`wait_ms`, timeouts).
-pub const RANGES: [Range; 17] = [
+pub const RANGES: [Range; 18] = [
     range("server.shutdown_grace_secs", 1, HOUR),
     range("server.header_read_timeout_ms", 100, 10 * MINUTE_MS),
     range("server.max_header_bytes", 1024, 1 << 20),
@@ -43,6 +43,7 @@ pub const RANGES: [Range; 17] = [
     range("server.request_timeout_ms", 1000, 10 * MINUTE_MS),
     range("klavi.connect_timeout_ms", 100, MINUTE_MS),
     range("klavi.request_timeout_ms", 100, 10 * MINUTE_MS),
+    range("klavi.pool_size", 0, 100),
     range("refresh.refresh_before_secs", 1, DAY),
     range("refresh.serve_margin_secs", 0, HOUR),
     range("refresh.backoff_initial_ms", 100, MINUTE_MS),
@@ -125,10 +126,11 @@ pub fn server_values(s: &RawServer) -> [(&'static str, u64); 6] {
 }
 
 /// A profile's `[klavi]` integer keys and their values.
-pub fn klavi_values(k: &RawKlavi) -> [(&'static str, u64); 2] {
+pub fn klavi_values(k: &RawKlavi) -> [(&'static str, u64); 3] {
     [
         ("connect_timeout_ms", k.connect_timeout_ms),
         ("request_timeout_ms", k.request_timeout_ms),
+        ("pool_size", k.pool_size),
     ]
 }
 
@@ -477,6 +479,7 @@ mod tests {
         let slot = match key {
             "klavi.connect_timeout_ms" => &mut k.connect_timeout_ms,
             "klavi.request_timeout_ms" => &mut k.request_timeout_ms,
+            "klavi.pool_size" => &mut k.pool_size,
             "refresh.refresh_before_secs" => &mut r.refresh_before_secs,
             "refresh.serve_margin_secs" => &mut r.serve_margin_secs,
             "refresh.backoff_initial_ms" => &mut r.backoff_initial_ms,

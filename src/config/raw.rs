@@ -58,7 +58,7 @@ pub struct RawServer {
     /// Largest request head, bytes; larger gets 431. Default `16384`.
     #[serde(deserialize_with = "super::lenient::u64")]
     pub max_header_bytes: u64,
-    /// Largest request body, bytes; larger gets 413. Default `1024`.
+    /// Largest request body, bytes; larger gets 413. Default `16384` (the rejected-token body of `POST /token/refresh` may be up to 16 KiB).
     #[serde(deserialize_with = "super::lenient::u64")]
     pub max_body_bytes: u64,
     /// Open connections per listener. Default `512`.
@@ -80,7 +80,7 @@ impl Default for RawServer {
             shutdown_grace_secs: 10,
             header_read_timeout_ms: 5000,
             max_header_bytes: 16 * 1024,
-            max_body_bytes: 1024,
+            max_body_bytes: 16 * 1024,
             max_connections: 512,
             request_timeout_ms: 10_000,
         }
@@ -125,6 +125,21 @@ pub struct RawKlavi {
     /// File the profile's token is written to; `""` is off (not part of
     /// this version). Default `""`.
     pub token_file: String,
+    /// `shared` (one token reused by every caller) or `single_use` (every
+    /// lease a token never handed out before). Default `"shared"`.
+    pub mode: String,
+    /// single_use only: tokens fetched ahead and held ready (0: fetch on
+    /// each lease). Default `2`, range 0–100.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub pool_size: u64,
+    /// With `[fleet]` on, a shared profile shares its token through Redis;
+    /// `false` opts out. Default: `true` for shared profiles; a single_use
+    /// profile is never in the fleet (`true` is an error).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_bool"
+    )]
+    pub fleet: Option<bool>,
 }
 
 impl Default for RawKlavi {
@@ -142,6 +157,9 @@ impl Default for RawKlavi {
             required: true,
             proxy_listen: String::new(),
             token_file: String::new(),
+            mode: "shared".into(),
+            pool_size: 2,
+            fleet: None,
         }
     }
 }
@@ -271,6 +289,21 @@ pub struct RawProfile {
     /// Not inherited. Default `""`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// Not inherited. Default `"shared"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Not inherited. Default `2`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_u64"
+    )]
+    pub pool_size: Option<u64>,
+    /// Not inherited. Default `true` for a shared profile.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::lenient::opt_bool"
+    )]
+    pub fleet: Option<bool>,
     /// `[profiles.NAME.refresh]`: overrides of `[refresh]`.
     #[serde(skip_serializing_if = "RawRefreshOverrides::is_empty")]
     pub refresh: RawRefreshOverrides,
@@ -285,8 +318,8 @@ impl RawRefreshOverrides {
 impl RawProfile {
     /// The profile's effective `[klavi]` and `[refresh]`: its own keys over
     /// what it inherits from `klavi` and `refresh`. Keys, key files and the
-    /// per-profile keys (`required`, `proxy_listen`, `token_file`) are not
-    /// inherited.
+    /// per-profile keys (`required`, `proxy_listen`, `token_file`, `mode`,
+    /// `pool_size`, `fleet`) are not inherited.
     pub fn effective(&self, klavi: &RawKlavi, refresh: &RawRefresh) -> (RawKlavi, RawRefresh) {
         let own = RawKlavi {
             base_url: self
@@ -309,6 +342,9 @@ impl RawProfile {
             required: self.required.unwrap_or(true),
             proxy_listen: self.proxy_listen.clone().unwrap_or_default(),
             token_file: self.token_file.clone().unwrap_or_default(),
+            mode: self.mode.clone().unwrap_or_else(|| "shared".into()),
+            pool_size: self.pool_size.unwrap_or(2),
+            fleet: self.fleet,
         };
         (own, self.refresh.over(refresh))
     }
@@ -330,6 +366,9 @@ impl RawProfile {
             required: Some(k.required),
             proxy_listen: Some(k.proxy_listen),
             token_file: Some(k.token_file),
+            fleet: Some(k.fleet.unwrap_or(k.mode.trim() == "shared")),
+            mode: Some(k.mode),
+            pool_size: Some(k.pool_size),
             refresh: RawRefreshOverrides::all(&r),
         }
     }

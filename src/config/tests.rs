@@ -42,7 +42,7 @@ fn defaults_match_the_spec() {
     assert!(config.server.require_header);
     assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
     assert_eq!(config.server.limits, Limits::default());
-    assert_eq!(config.server.max_body_bytes, 1024);
+    assert_eq!(config.server.max_body_bytes, 16 * 1024);
     assert_eq!(config.server.request_timeout, Duration::from_secs(10));
     assert_eq!(
         config.profiles[0].klavi.auth_url.as_str(),

@@ -12,7 +12,7 @@ use super::ranges::{self, KeyNames};
 use super::raw::{RawConfig, RawKlavi, RawRefresh};
 use super::{
     Config, ConfigError, DEFAULT_PROFILE, KeySource, KlaviConfig, LogFormat, ProfileConfig,
-    RefreshConfig, ServerConfig, worker_threads,
+    RefreshConfig, ServerConfig, TokenMode, worker_threads,
 };
 use crate::cache::policy::RefreshPolicy;
 use crate::secret::{REDACTED, Secret};
@@ -124,11 +124,14 @@ fn profile(
     let secret_key = key_source(&names, "secret_key", &k.secret_key, &k.secret_key_file)?;
     ranges::check_profile(&names, k, r)?;
     ranges::check_server_against(&raw.server, &names, r)?;
+    let (mode, fleet) = mode_and_fleet(&names, k)?;
     let ms = Duration::from_millis;
     let secs = Duration::from_secs;
     Ok(ProfileConfig {
         name: name.to_string(),
         required: k.required,
+        mode,
+        fleet,
         proxy_listen: k.proxy_listen.trim().to_string(),
         token_file: k.token_file.trim().to_string(),
         klavi: KlaviConfig {
@@ -152,6 +155,37 @@ fn profile(
             fallback_ttl: secs(r.fallback_ttl_secs),
         },
     })
+}
+
+/// `mode` and what a single_use profile cannot have: a token file (a file
+/// is read by anyone, any number of times) or a place in the fleet (a
+/// token shared by many sidecars is not single-use).
+fn mode_and_fleet(names: &KeyNames, k: &RawKlavi) -> Result<(TokenMode, bool), ConfigError> {
+    match k.mode.trim() {
+        "shared" => Ok((TokenMode::Shared, k.fleet.unwrap_or(true))),
+        "single_use" => {
+            if !k.token_file.trim().is_empty() {
+                return Err(ConfigError::new(
+                    names.klavi("token_file"),
+                    "a single_use profile cannot have a token file: a file can be read any \
+                     number of times; leave it empty or use mode = \"shared\"",
+                ));
+            }
+            if k.fleet == Some(true) {
+                return Err(ConfigError::new(
+                    names.klavi("fleet"),
+                    "a single_use profile cannot be in the fleet: a token shared by many \
+                     sidecars is not single-use; remove the key or set it to false",
+                ));
+            }
+            let pool_size = usize::try_from(k.pool_size).unwrap_or(usize::MAX);
+            Ok((TokenMode::SingleUse { pool_size }, false))
+        }
+        other => Err(ConfigError::new(
+            names.klavi("mode"),
+            format!("{other:?} is not one of \"shared\", \"single_use\""),
+        )),
+    }
 }
 
 /// Profile names: 1–32 of `[a-z0-9_]`, starting with a letter; `default`

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::cache::refresher::RefreshObserver;
 use crate::cache::source::Category;
-use crate::cache::store::TokenStore;
+use crate::cache::store::{Readiness, TokenStore};
 use crate::clock::{WallClock, unix_secs};
 
 /// `Content-Type` of the exposition (Prometheus text format 0.0.4).
@@ -131,6 +131,37 @@ impl MinTtlOutcome {
     }
 }
 
+/// How a lease (`POST /token/lease`) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// A pooled token, at once.
+    Pooled,
+    /// A token, after waiting for a fetch.
+    Waited,
+    /// 422: no token Klavi gives now can meet `min_ttl`.
+    Unsatisfiable,
+    /// 503: no token in time.
+    Unavailable,
+}
+
+impl LeaseOutcome {
+    const ALL: [Self; 4] = [
+        Self::Pooled,
+        Self::Waited,
+        Self::Unsatisfiable,
+        Self::Unavailable,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Pooled => "pooled",
+            Self::Waited => "waited",
+            Self::Unsatisfiable => "unsatisfiable",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// The metric families, shared by every profile's handle.
 struct Families {
     token_requests: Family<RequestLabels, Counter>,
@@ -142,6 +173,9 @@ struct Families {
     upstream_duration: HistogramFamily,
     in_flight: Family<ProfileLabel, Gauge>,
     budget_exhausted: Family<ProfileLabel, Counter>,
+    rejected_tokens: Family<ProfileLabel, Counter>,
+    pool_tokens: Family<ProfileLabel, Gauge>,
+    leases: Family<OutcomeLabels, Counter>,
     consecutive_failures: Family<ProfileLabel, Gauge>,
     token_expiry: Family<ProfileLabel, Gauge>,
     ready: Family<ProfileLabel, Gauge>,
@@ -183,6 +217,9 @@ impl Metrics {
             upstream_duration: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
             in_flight: Family::default(),
             budget_exhausted: Family::default(),
+            rejected_tokens: Family::default(),
+            pool_tokens: Family::default(),
+            leases: Family::default(),
             consecutive_failures: Family::default(),
             token_expiry: Family::default(),
             ready: Family::default(),
@@ -234,6 +271,21 @@ impl Metrics {
             "auth_budget_exhausted",
             "Times the auth budget (refresh.max_auth_per_minute) held a wanted request to Klavi back",
             f.budget_exhausted.clone(),
+        );
+        registry.register(
+            "rejected_tokens",
+            "Current tokens reported rejected (POST /token/refresh with rejectedToken): each is never served again and replaced",
+            f.rejected_tokens.clone(),
+        );
+        registry.register(
+            "pool_tokens",
+            "single_use profiles: tokens in the pool, ready to lease",
+            f.pool_tokens.clone(),
+        );
+        registry.register(
+            "leases",
+            "single_use profiles: POST /token/lease by outcome: pooled (at once), waited (for a fetch), unsatisfiable (422), unavailable (503)",
+            f.leases.clone(),
         );
         registry.register(
             "refresh_consecutive_failures",
@@ -313,6 +365,7 @@ impl Metrics {
         }
         let _ = f.upstream_duration.get_or_create(&of());
         let _ = f.budget_exhausted.get_or_create(&of());
+        let _ = f.rejected_tokens.get_or_create(&of());
         let _ = f.in_flight.get_or_create(&of());
         let _ = f.consecutive_failures.get_or_create(&of());
         let _ = f.ready.get_or_create(&of());
@@ -353,9 +406,15 @@ impl Metrics {
             f.token_expiry
                 .get_or_create(&label)
                 .set(token.as_ref().map_or(0, |t| t.expire_at_unix()));
-            f.ready
-                .get_or_create(&label)
-                .set(i64::from(store.servable(now).is_some()));
+            f.ready.get_or_create(&label).set(i64::from(matches!(
+                store.readiness(now),
+                Readiness::Ready(_)
+            )));
+            if store.is_single_use() {
+                f.pool_tokens
+                    .get_or_create(&label)
+                    .set(i64::try_from(store.pooled(now)).unwrap_or(i64::MAX));
+            }
             let state = store.state();
             f.last_success
                 .get_or_create(&label)
@@ -453,6 +512,37 @@ impl ProfileMetrics {
                 profile: self.profile.clone(),
                 outcome: outcome.label(),
             })
+            .inc();
+    }
+
+    /// Creates a single_use profile's lease series at zero (a shared
+    /// profile has none).
+    pub fn single_use(&self) {
+        let _ = self.families.pool_tokens.get_or_create(&self.label());
+        for outcome in LeaseOutcome::ALL {
+            let _ = self.families.leases.get_or_create(&OutcomeLabels {
+                profile: self.profile.clone(),
+                outcome: outcome.label(),
+            });
+        }
+    }
+
+    /// Counts a lease.
+    pub fn lease(&self, outcome: LeaseOutcome) {
+        self.families
+            .leases
+            .get_or_create(&OutcomeLabels {
+                profile: self.profile.clone(),
+                outcome: outcome.label(),
+            })
+            .inc();
+    }
+
+    /// Counts a current token reported rejected.
+    pub fn rejected(&self) {
+        self.families
+            .rejected_tokens
+            .get_or_create(&self.label())
             .inc();
     }
 

@@ -501,7 +501,7 @@ async fn bodies_over_the_limit_get_413_json() {
         .http
         .post(app.url("/token/refresh"))
         .header(crate::helpers::HEADER.0, crate::helpers::HEADER.1)
-        .body(vec![b'x'; 4096])
+        .body(vec![b'x'; 16 * 1024 + 1])
         .send()
         .await
         .unwrap();

@@ -46,6 +46,18 @@ pub enum ApiError {
     RequestTimeout,
     /// The request body is over `server.max_body_bytes`.
     PayloadTooLarge,
+    /// The body of `POST /token/refresh` is not `{"rejectedToken": "…"}`.
+    InvalidBody(&'static str),
+    /// A shared-token route on a single_use profile; names the lease route.
+    SingleUseProfile {
+        /// The profile's lease route.
+        lease_route: String,
+    },
+    /// `POST /token/lease` on a shared profile; names the token route.
+    SharedProfile {
+        /// The profile's token route.
+        token_route: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -110,6 +122,8 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
+            Self::SingleUseProfile { .. } | Self::SharedProfile { .. } => StatusCode::CONFLICT,
         }
     }
 
@@ -180,9 +194,36 @@ impl ApiError {
                 "this route does not accept that method; the Allow header lists the ones it does",
             ),
             Self::RequestTimeout => plain("request_timeout", "the request took too long"),
+            Self::InvalidBody(why) => Body {
+                error: "invalid_body",
+                message: format!(
+                    "{why}; the body is optional, and if sent it is JSON like \
+                     {{\"rejectedToken\": \"<the token Klavi answered 401 to>\"}}"
+                ),
+                last_error: None,
+                max_ttl: None,
+            },
+            Self::SingleUseProfile { lease_route } => Body {
+                error: "single_use_profile",
+                message: format!(
+                    "this profile is single_use: each token is handed out once, by POST \
+                     {lease_route}"
+                ),
+                last_error: None,
+                max_ttl: None,
+            },
+            Self::SharedProfile { token_route } => Body {
+                error: "shared_profile",
+                message: format!(
+                    "this profile is shared: its one token is served by GET {token_route}; \
+                     leases are for profiles with mode = \"single_use\""
+                ),
+                last_error: None,
+                max_ttl: None,
+            },
             Self::PayloadTooLarge => plain(
                 "payload_too_large",
-                "the request body is larger than server.max_body_bytes; no route takes a body",
+                "the request body is larger than server.max_body_bytes (the only body any route takes is POST /token/refresh's rejectedToken)",
             ),
         }
     }
@@ -272,6 +313,23 @@ mod tests {
             (ApiError::MethodNotAllowed, 405, "method_not_allowed", None),
             (ApiError::RequestTimeout, 408, "request_timeout", None),
             (ApiError::PayloadTooLarge, 413, "payload_too_large", None),
+            (ApiError::InvalidBody("not JSON"), 400, "invalid_body", None),
+            (
+                ApiError::SingleUseProfile {
+                    lease_route: "/token/lease".into(),
+                },
+                409,
+                "single_use_profile",
+                None,
+            ),
+            (
+                ApiError::SharedProfile {
+                    token_route: "/token".into(),
+                },
+                409,
+                "shared_profile",
+                None,
+            ),
         ];
         for (error, status, code, retry) in cases {
             let (got_status, got_retry, body) = render(error.clone()).await;

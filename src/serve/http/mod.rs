@@ -53,6 +53,10 @@ const TOKEN_REFRESH: &str = "/token/refresh";
 const PROFILE_TOKEN: &str = "/profiles/{name}/token";
 /// Any profile's forced-refresh route.
 const PROFILE_TOKEN_REFRESH: &str = "/profiles/{name}/token/refresh";
+/// The default profile's lease route (single_use profiles).
+const TOKEN_LEASE: &str = "/token/lease";
+/// Any profile's lease route (single_use profiles).
+const PROFILE_TOKEN_LEASE: &str = "/profiles/{name}/token/lease";
 
 /// A profile as the token routes serve it: its bodies, rendered once per
 /// token, and the hot path's counters.
@@ -135,7 +139,7 @@ impl AppState {
             metrics,
             guard: Guard::default(),
             request_timeout: wait + Duration::from_secs(5),
-            max_body_bytes: 1024,
+            max_body_bytes: 16 * 1024,
         }
     }
 
@@ -159,6 +163,8 @@ pub fn token_router(state: AppState) -> Router {
         .route(TOKEN_REFRESH, post(token::refresh_default))
         .route(PROFILE_TOKEN, get(token::get_named))
         .route(PROFILE_TOKEN_REFRESH, post(token::refresh_named))
+        .route(TOKEN_LEASE, post(token::lease_default))
+        .route(PROFILE_TOKEN_LEASE, post(token::lease_named))
         .route_layer(middleware::from_fn_with_state(
             state.guard.clone(),
             guard::token_route_guard,

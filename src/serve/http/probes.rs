@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use super::AppState;
+use crate::cache::store::Readiness;
 use crate::profile::Profile;
 
 pub(super) fn routes() -> Router<AppState> {
@@ -61,20 +62,24 @@ async fn healthz(State(state): State<AppState>) -> Response {
 fn readiness(profile: &Profile, now: Instant) -> (bool, Map<String, Value>) {
     let store = profile.store();
     let mut entry = Map::new();
-    if let Some(token) = store.servable(now) {
-        entry.insert("status".into(), json!("ready"));
-        entry.insert("expiresIn".into(), json!(token.remaining(now).as_secs()));
-        return (true, entry);
+    match store.readiness(now) {
+        Readiness::Ready(expires_in) => {
+            entry.insert("status".into(), json!("ready"));
+            if let Some(left) = expires_in {
+                entry.insert("expiresIn".into(), json!(left.as_secs()));
+            }
+            if store.is_single_use() {
+                entry.insert("pooled".into(), json!(store.pooled(now)));
+            }
+            (true, entry)
+        }
+        Readiness::NotReady(reason) => {
+            entry.insert("status".into(), json!("not_ready"));
+            entry.insert("reason".into(), json!(reason.as_str()));
+            entry.insert("lastError".into(), json!(store.state().last_error));
+            (false, entry)
+        }
     }
-    let reason = if store.current().is_some() {
-        "token_expired"
-    } else {
-        "no_token_yet"
-    };
-    entry.insert("status".into(), json!("not_ready"));
-    entry.insert("reason".into(), json!(reason));
-    entry.insert("lastError".into(), json!(store.state().last_error));
-    (false, entry)
 }
 
 /// 200 while every required profile is ready, else 503. Top-level fields

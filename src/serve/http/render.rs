@@ -26,7 +26,8 @@ pub struct Rendered {
 }
 
 impl Rendered {
-    fn of(token: &Arc<Token>) -> Self {
+    /// Renders `token` (a leased token, served once, is not cached).
+    pub fn of(token: &Arc<Token>) -> Self {
         let value = token.value().expose();
         // A string always serialises; the fallback only keeps this total.
         let quoted = serde_json::to_string(value).unwrap_or_else(|_| "\"\"".into());

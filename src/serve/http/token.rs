@@ -1,5 +1,6 @@
-//! The token routes: `GET /token` and `POST /token/refresh` for the
-//! default profile, `/profiles/{name}/…` for any profile.
+//! The token routes: `GET /token`, `POST /token/refresh` and
+//! `POST /token/lease` for the default profile, `/profiles/{name}/…` for
+//! any profile.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +10,16 @@ use axum::response::{IntoResponse, Response};
 use tokio::time::Instant;
 
 use super::accept::wants_plain_text;
+use super::render::Rendered;
 use super::{ApiError, AppState, Endpoint, PROFILE_TOKEN, TOKEN};
 use crate::cache::source::Category;
-use crate::cache::store::{Unavailable, UnavailableReason};
-use crate::ops::metrics::{ForcedOutcome, MinTtlOutcome};
+use crate::cache::store::{Rejection, Unavailable, UnavailableReason};
+use crate::config::DEFAULT_PROFILE;
+use crate::ops::metrics::{ForcedOutcome, LeaseOutcome, MinTtlOutcome};
+use crate::secret::Secret;
+
+/// The largest `{"rejectedToken": …}` body read (SPEC §4.2).
+const REJECTED_BODY_LIMIT: usize = 16 * 1024;
 
 /// The endpoint of the default profile, or 404 `unknown_profile`.
 fn default_endpoint(state: &AppState) -> Result<Arc<Endpoint>, ApiError> {
@@ -63,6 +70,74 @@ pub(super) async fn refresh_named(State(state): State<AppState>, request: Reques
     }
 }
 
+pub(super) async fn lease_default(State(state): State<AppState>, request: Request) -> Response {
+    match default_endpoint(&state) {
+        Ok(endpoint) => lease_token(&endpoint, request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+pub(super) async fn lease_named(State(state): State<AppState>, request: Request) -> Response {
+    match named_endpoint(&state, &request) {
+        Ok(endpoint) => lease_token(&endpoint, request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// A profile's route `suffix` (`/token`, `/token/lease`), as a client
+/// calls it.
+fn route_of(endpoint: &Endpoint, suffix: &str) -> String {
+    match endpoint.profile.name() {
+        DEFAULT_PROFILE => suffix.to_string(),
+        name => format!("/profiles/{name}{suffix}"),
+    }
+}
+
+/// 409 for a shared-token route on a single_use profile.
+fn refuse_single_use(endpoint: &Endpoint) -> Option<Response> {
+    endpoint.profile.store().is_single_use().then(|| {
+        ApiError::SingleUseProfile {
+            lease_route: route_of(endpoint, "/token/lease"),
+        }
+        .into_response()
+    })
+}
+
+/// The rejected token a `POST /token/refresh` body names: `Ok(None)` for
+/// no body (or whitespace, `{}`, a null `rejectedToken`).
+fn rejected_token(body: &[u8]) -> Result<Option<Secret>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| ApiError::InvalidBody("the body is not JSON"))?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(ApiError::InvalidBody("the body is not a JSON object"));
+    };
+    match fields.get("rejectedToken") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(token)) if !token.is_empty() => {
+            Ok(Some(Secret::new(token.as_str())))
+        }
+        Some(_) => Err(ApiError::InvalidBody(
+            "rejectedToken must be a non-empty string",
+        )),
+    }
+}
+
+/// Whether a body error is the length limit (413) rather than a broken
+/// request (400).
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// `min_ttl` from the query string: `Ok(None)` when absent.
 fn min_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
     let Some(query) = query else {
@@ -83,6 +158,9 @@ fn min_ttl(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
 }
 
 async fn get_token(endpoint: &Endpoint, route: &str, request: Request) -> Response {
+    if let Some(refused) = refuse_single_use(endpoint) {
+        return refused;
+    }
     let min = match min_ttl(request.uri().query()) {
         Ok(min) => min,
         Err(error) => return error.into_response(),
@@ -124,9 +202,40 @@ async fn get_token(endpoint: &Endpoint, route: &str, request: Request) -> Respon
 }
 
 async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
+    if let Some(refused) = refuse_single_use(endpoint) {
+        return refused;
+    }
     let plain_text = wants_plain_text(request.headers());
+    let body = match axum::body::to_bytes(request.into_body(), REJECTED_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(error) if is_length_limit(&error) => return ApiError::PayloadTooLarge.into_response(),
+        Err(_) => return ApiError::InvalidBody("the body could not be read").into_response(),
+    };
+    let rejected = match rejected_token(&body) {
+        Ok(rejected) => rejected,
+        Err(error) => return error.into_response(),
+    };
     let metrics = endpoint.profile.metrics();
-    match endpoint.profile.store().force_refresh().await {
+    let store = endpoint.profile.store();
+    let result = match rejected {
+        Some(token) => {
+            let digest = token.digest();
+            drop(token);
+            let result = store.replace_rejected(&digest).await;
+            if let Ok((_, Rejection::Marked)) = &result {
+                metrics.rejected();
+            }
+            tracing::info!(
+                profile = endpoint.profile.name(),
+                fingerprint = digest.fingerprint(),
+                current = matches!(&result, Ok((_, Rejection::Marked))),
+                "token reported rejected"
+            );
+            result.map(|(served, rejection)| (served, rejection == Rejection::NotCurrent))
+        }
+        None => store.force_refresh().await,
+    };
+    match result {
         Ok((served, reused)) => {
             metrics.forced(if reused {
                 ForcedOutcome::Reused
@@ -151,9 +260,82 @@ async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
     }
 }
 
+async fn lease_token(endpoint: &Endpoint, request: Request) -> Response {
+    let store = endpoint.profile.store();
+    if !store.is_single_use() {
+        return ApiError::SharedProfile {
+            token_route: route_of(endpoint, TOKEN),
+        }
+        .into_response();
+    }
+    let min = match min_ttl(request.uri().query()) {
+        Ok(min) => min.unwrap_or(Duration::ZERO),
+        Err(error) => return error.into_response(),
+    };
+    let plain_text = wants_plain_text(request.headers());
+    let metrics = endpoint.profile.metrics();
+    match store.lease(min).await {
+        Ok((served, waited)) => {
+            metrics.lease(if waited {
+                LeaseOutcome::Waited
+            } else {
+                LeaseOutcome::Pooled
+            });
+            tracing::debug!(
+                profile = endpoint.profile.name(),
+                fingerprint = served.fingerprint(),
+                waited,
+                "token leased"
+            );
+            // Each leased token is served once: rendered here, not cached.
+            Rendered::of(&served.token).response(served.at, plain_text)
+        }
+        Err(Unavailable {
+            reason: UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs },
+            ..
+        }) => {
+            metrics.lease(LeaseOutcome::Unsatisfiable);
+            ApiError::MinTtlUnsatisfiable { max_ttl_secs }.into_response()
+        }
+        Err(unavailable) => {
+            metrics.lease(LeaseOutcome::Unavailable);
+            ApiError::TokenUnavailable(unavailable).into_response()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejected_token_bodies() {
+        let invalid = |why| Err(ApiError::InvalidBody(why));
+        let cases: Vec<(&str, Result<Option<&str>, ApiError>)> = vec![
+            ("", Ok(None)),
+            (" \r\n", Ok(None)),
+            ("{}", Ok(None)),
+            (r#"{"rejectedToken": null}"#, Ok(None)),
+            (r#"{"rejectedToken": "eyJ.a.b"}"#, Ok(Some("eyJ.a.b"))),
+            (r#"{"rejectedToken": "t", "other": 1}"#, Ok(Some("t"))),
+            (
+                r#"{"rejectedToken": ""}"#,
+                invalid("rejectedToken must be a non-empty string"),
+            ),
+            (
+                r#"{"rejectedToken": 5}"#,
+                invalid("rejectedToken must be a non-empty string"),
+            ),
+            (r#"["t"]"#, invalid("the body is not a JSON object")),
+            ("rejectedToken=t", invalid("the body is not JSON")),
+            ("{\"rejectedToken\": \"t\"", invalid("the body is not JSON")),
+        ];
+        for (body, expected) in cases {
+            let got = rejected_token(body.as_bytes());
+            let got = got.map(|t| t.map(|t| t.expose().to_string()));
+            assert_eq!(got, expected.map(|t| t.map(str::to_string)), "{body:?}");
+        }
+    }
 
     #[test]
     fn min_ttl_table() {
