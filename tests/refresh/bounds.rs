@@ -48,7 +48,7 @@ async fn a_key_change_right_after_a_rejection_still_waits_the_floor() {
     h.stop().await;
 }
 
-fn budget_policy(limit: u32) -> RefreshPolicy {
+pub(crate) fn budget_policy(limit: u32) -> RefreshPolicy {
     RefreshPolicy {
         max_auth_per_minute: limit,
         min_interval: secs(1),
@@ -57,7 +57,7 @@ fn budget_policy(limit: u32) -> RefreshPolicy {
 }
 
 /// Counts the fetches in every 60 s window starting at a fetch.
-fn most_in_any_minute(times: &[Instant]) -> usize {
+pub(crate) fn most_in_any_minute(times: &[Instant]) -> usize {
     (0..times.len())
         .map(|i| {
             times[i..]

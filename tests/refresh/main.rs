@@ -190,13 +190,40 @@ fn fixed_jitter(value: f64) -> Jitter {
 }
 
 fn start(policy: RefreshPolicy, jitter: f64, default: Step, script: Vec<Step>) -> Harness {
-    let (source, stats) = Scripted::new(default, script);
-    let source = Arc::new(source);
-    let store = Arc::new(TokenStore::new(
+    let store = TokenStore::new(
         policy.serve_margin,
         policy.min_interval,
         Duration::from_millis(5000),
-    ));
+    );
+    start_with(store, policy, jitter, default, script)
+}
+
+/// A single_use profile keeping `pool_size` tokens ahead.
+fn start_pool(
+    pool_size: usize,
+    policy: RefreshPolicy,
+    default: Step,
+    script: Vec<Step>,
+) -> Harness {
+    let store = TokenStore::single_use(
+        policy.serve_margin,
+        policy.min_interval,
+        Duration::from_millis(5000),
+        pool_size,
+    );
+    start_with(store, policy, 0.0, default, script)
+}
+
+fn start_with(
+    store: TokenStore,
+    policy: RefreshPolicy,
+    jitter: f64,
+    default: Step,
+    script: Vec<Step>,
+) -> Harness {
+    let (source, stats) = Scripted::new(default, script);
+    let source = Arc::new(source);
+    let store = Arc::new(store);
     let keys = Arc::new(Notify::new());
     let stop = CancellationToken::new();
     let task = Refresher::new(Arc::clone(&source), Arc::clone(&store), policy)
@@ -234,4 +261,6 @@ async fn settle() {
 
 mod bounds;
 mod demands;
+mod pool;
+mod rejected;
 mod schedule;

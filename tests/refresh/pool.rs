@@ -1,0 +1,200 @@
+//! single_use profiles (SPEC §4.2, guarantee 12): the lease pool, filled
+//! ahead by the refresh task, each token handed out once.
+
+use std::collections::HashSet;
+
+use super::bounds::{budget_policy, most_in_any_minute};
+use super::*;
+use klavi_token_sidecar::cache::store::{NotReadyReason, Readiness};
+
+fn name(served: &klavi_token_sidecar::cache::store::Served) -> String {
+    served.value().expose().to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_fills_to_its_size_one_fetch_at_a_time_and_refills_as_leases_take() {
+    let h = start_pool(
+        3,
+        no_jitter(),
+        Step::Token(secs(300), Duration::from_millis(50), None),
+        vec![],
+    );
+    sleep(secs(1)).await;
+    assert_eq!(h.calls(), 3);
+    assert_eq!(h.store.pooled(Instant::now()), 3);
+    assert!(matches!(
+        h.store.readiness(Instant::now()),
+        Readiness::Ready(_)
+    ));
+    let (first, waited) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert!(!waited, "from the pool");
+    assert_eq!(name(&first), "token-0");
+    sleep(secs(1)).await;
+    assert_eq!(h.calls(), 4, "refilled");
+    assert_eq!(h.store.pooled(Instant::now()), 3);
+    // Nothing else is fetched while the pool is full and fresh.
+    sleep(secs(100)).await;
+    assert_eq!(h.calls(), 4);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pool_size_zero_fetches_one_token_per_lease_and_nothing_ahead() {
+    let h = start_pool(0, no_jitter(), token_step(300), vec![]);
+    sleep(secs(60)).await;
+    assert_eq!(h.calls(), 0);
+    assert!(
+        matches!(h.store.readiness(Instant::now()), Readiness::Ready(_)),
+        "nothing tried, nothing failed"
+    );
+    let mut seen = HashSet::new();
+    for i in 0..5 {
+        let (served, waited) = h.store.lease(Duration::ZERO).await.unwrap();
+        assert!(waited);
+        assert!(seen.insert(name(&served)));
+        assert_eq!(h.calls(), i + 1);
+    }
+    sleep(secs(60)).await;
+    assert_eq!(h.calls(), 5);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_leases_are_served_first_come_first_served_each_a_distinct_token() {
+    let h = start_pool(
+        0,
+        no_jitter(),
+        Step::Token(secs(300), Duration::from_millis(100), None),
+        vec![],
+    );
+    let leases: Vec<_> = (0..20)
+        .map(|_| {
+            let store = Arc::clone(&h.store);
+            tokio::spawn(async move { store.lease(Duration::ZERO).await })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for lease in leases {
+        got.push(name(&lease.await.unwrap().unwrap().0));
+    }
+    let expected: Vec<String> = (0..20).map(|n| format!("token-{n}")).collect();
+    assert_eq!(got, expected, "in the order they asked");
+    assert_eq!(h.calls(), 20);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_tokens_are_replaced_and_leased_first_and_expired_ones_never() {
+    // 60 s tokens, margin 5 s: fresh for 30 s, leasable for 55 s.
+    let h = start_pool(1, no_jitter(), token_step(60), vec![]);
+    settle().await;
+    assert_eq!(h.calls(), 1);
+    sleep(secs(30)).await;
+    settle().await;
+    assert_eq!(h.calls(), 2, "a fresh one fetched beside the stale one");
+    assert_eq!(h.store.pooled(Instant::now()), 2);
+    let (older, _) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert_eq!(name(&older), "token-0", "the one expiring first");
+    // Nothing is leased past the margin: token-1 (fetched at 30 s) goes
+    // at 85 s, and by then token-2 has replaced it.
+    sleep(secs(60)).await;
+    settle().await;
+    let (token, _) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert!(token.remaining(Instant::now()) >= secs(5));
+    assert_eq!(
+        name(&token),
+        "token-2",
+        "token-1 expired in the pool, unleased"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_beyond_the_budget_wait_or_get_local_rate_limit() {
+    let h = start_pool(0, budget_policy(10), token_step(300), vec![]);
+    let mut leased = HashSet::new();
+    let mut limited = 0;
+    for _ in 0..100 {
+        match h.store.lease(Duration::ZERO).await {
+            Ok((served, _)) => assert!(leased.insert(name(&served))),
+            Err(error) => {
+                assert_eq!(error.last_error, Some(Category::LocalRateLimit));
+                limited += 1;
+            }
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    let times = h.stats.call_times.lock().unwrap().clone();
+    assert!(most_in_any_minute(&times) <= 10, "{times:?}");
+    assert!(
+        limited > 0 && leased.len() >= 10,
+        "{limited} {}",
+        leased.len()
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_klavi_sends_twice_is_leased_once() {
+    let h = start_pool(1, no_jitter(), Step::Repeat, vec![token_step(300)]);
+    settle().await;
+    let (first, _) = h.store.lease(Duration::ZERO).await.unwrap();
+    // The refills bring the same token: failures, backed off, never leased.
+    let error = h.store.lease(Duration::ZERO).await.unwrap_err();
+    assert_eq!(error.last_error, Some(Category::InvalidResponse));
+    assert!(
+        h.call_gaps()
+            .iter()
+            .skip(1)
+            .all(|g| *g >= Duration::from_millis(500))
+    );
+    assert_eq!(
+        h.store.readiness(Instant::now()),
+        Readiness::NotReady(NotReadyReason::PoolEmpty)
+    );
+    h.set_default(token_step(300));
+    let (second, _) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert_ne!(name(&second), name(&first));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_ttl_on_a_lease_is_met_or_refused_with_the_best_klavi_gives() {
+    let h = start_pool(1, no_jitter(), token_step(60), vec![]);
+    settle().await;
+    let (served, _) = h.store.lease(secs(50)).await.unwrap();
+    assert!(served.remaining(served.at) >= secs(50));
+    let error = h.store.lease(secs(100)).await.unwrap_err();
+    assert_eq!(
+        error.reason,
+        UnavailableReason::MinTtlUnsatisfiable { max_ttl_secs: 60 }
+    );
+    // Asked again at once, it is refused without another fetch.
+    let calls = h.calls();
+    let error = h.store.lease(secs(100)).await.unwrap_err();
+    assert!(matches!(
+        error.reason,
+        UnavailableReason::MinTtlUnsatisfiable { .. }
+    ));
+    assert_eq!(h.calls(), calls);
+    h.stop().await;
+}
+
+/// A lease that gives up (its wait runs out) does not lose the token its
+/// fetch brings: the pool keeps it for the next lease.
+#[tokio::test(start_paused = true)]
+async fn a_token_arriving_after_its_lease_gave_up_goes_to_the_next_lease() {
+    let h = start_pool(
+        0,
+        no_jitter(),
+        Step::Token(secs(300), secs(7), None),
+        vec![],
+    );
+    let error = h.store.lease(Duration::ZERO).await.unwrap_err();
+    assert_eq!(error.reason, UnavailableReason::Timeout);
+    sleep(secs(3)).await;
+    let (served, waited) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert!(!waited, "the token that came late was pooled");
+    assert_eq!(name(&served), "token-0");
+    h.stop().await;
+}
