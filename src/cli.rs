@@ -98,6 +98,10 @@ pub struct FakeKlaviArgs {
     /// random).
     #[arg(long, default_value_t = 0.2, value_name = "R")]
     pub fault_rate: f64,
+    /// A token is good for one API call: its second use is answered 401
+    /// (for trying a single_use profile).
+    #[arg(long)]
+    pub single_use: bool,
 }
 
 /// `healthcheck` options.
@@ -213,8 +217,8 @@ async fn serve(
         Err(StartError::Config(error)) => return config_failure(&error),
         Err(error) => return fail(EXIT_FAILURE, error),
     };
-    if fake.is_some() {
-        demo::banner(app.token_addr(), app.ops_addr());
+    if let Some(fake) = &fake {
+        demo::banner(app.token_addr(), app.ops_addr(), &fake.base_url());
     }
     let result = app.run_until_stopped(shutdown::on_signals()).await;
     if let Some(fake) = fake {
@@ -253,6 +257,7 @@ async fn run_fake(args: FakeKlaviArgs) -> ExitCode {
         token_ttl: Duration::from_secs(args.token_ttl),
         access_key: args.access_key,
         secret_key: args.secret_key,
+        single_use: args.single_use,
     };
     let fake = match FakeKlavi::start(args.listen, config).await {
         Ok(fake) => fake,
@@ -277,6 +282,7 @@ async fn run_fake(args: FakeKlaviArgs) -> ExitCode {
         token_ttl_secs = args.token_ttl,
         faults = args.faults.len(),
         fault_rate = args.fault_rate,
+        single_use = args.single_use,
         "fake Klavi listening"
     );
     fake.run_until(shutdown::on_signals()).await;

@@ -1,4 +1,4 @@
-//! A fake Klavi auth endpoint, owned by the project.
+//! A fake Klavi, owned by the project.
 //!
 //! It backs the `demo` and `fake-klavi` commands and every test that needs
 //! an upstream. By default it issues JWT-shaped tokens (unsigned in any
@@ -7,6 +7,14 @@
 //! [`Outcome`] answers one request — a token, an error status with
 //! `Retry-After`, a raw body, a delay, a hang, a connection reset, a skewed
 //! `Date` — after which the default outcome applies again.
+//!
+//! Every other path stands for Klavi's API: it answers 200 with a JSON echo
+//! of the method and path when the request carries `Authorization: Bearer`
+//! with a token it issued that is still valid, and 401 otherwise, as Klavi
+//! does for "the access token provided was invalid or has expired". A
+//! token can be revoked ([`FakeKlavi::revoke`], `POST /_fake/revoke`), and
+//! with [`FakeKlaviConfig::single_use`] a token's second use is refused, as
+//! one version of Klavi's documentation says it is for payment initiation.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -39,8 +47,11 @@ pub const DEMO_SECRET_KEY: &str = "demo-secret-key";
 /// The path the fake answers on (Klavi's auth path).
 pub const AUTH_PATH: &str = "/payment/customer/v1/auth";
 /// Counters for scripts and benchmarks: `{"calls", "in_flight",
-/// "max_in_flight", "issued"}` (not part of Klavi's API).
+/// "max_in_flight", "issued", "api_calls"}` (not part of Klavi's API).
 pub const STATS_PATH: &str = "/_fake/stats";
+/// `POST {"accessToken": "…"}` revokes that token, `{"all": true}` every
+/// token issued so far; answers `{"revoked": N}` (not part of Klavi's API).
+pub const REVOKE_PATH: &str = "/_fake/revoke";
 
 /// How the fake answers by default.
 #[derive(Debug, Clone)]
@@ -51,6 +62,8 @@ pub struct FakeKlaviConfig {
     pub access_key: String,
     /// The accepted secret key.
     pub secret_key: String,
+    /// A token is good for one API call: its second use is answered 401.
+    pub single_use: bool,
 }
 
 impl Default for FakeKlaviConfig {
@@ -59,7 +72,29 @@ impl Default for FakeKlaviConfig {
             token_ttl: Duration::from_secs(30),
             access_key: DEMO_ACCESS_KEY.into(),
             secret_key: DEMO_SECRET_KEY.into(),
+            single_use: false,
         }
+    }
+}
+
+/// What the fake remembers of a token it issued.
+#[derive(Debug, Clone, Copy)]
+struct Issued {
+    /// Unix seconds.
+    expire_at: u64,
+    /// API calls made with it.
+    uses: u64,
+    revoked: bool,
+}
+
+/// Why an API call's bearer token was refused.
+fn refusal(issued: Option<&Issued>, now_unix: u64, single_use: bool) -> Option<&'static str> {
+    match issued {
+        None => Some("unknown"),
+        Some(t) if t.revoked => Some("revoked"),
+        Some(t) if t.expire_at <= now_unix => Some("expired"),
+        Some(t) if single_use && t.uses > 0 => Some("used"),
+        Some(_) => None,
     }
 }
 
@@ -91,6 +126,9 @@ struct State {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     issued: AtomicU64,
+    api_calls: AtomicU64,
+    /// Every token issued and not yet expired, by value.
+    tokens: Mutex<std::collections::HashMap<String, Issued>>,
     last_token: Mutex<Option<(String, u64)>>,
     last_request: Mutex<Option<Recorded>>,
     stop: CancellationToken,
@@ -122,6 +160,8 @@ impl FakeKlavi {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             issued: AtomicU64::new(0),
+            api_calls: AtomicU64::new(0),
+            tokens: Mutex::new(std::collections::HashMap::new()),
             last_token: Mutex::new(None),
             last_request: Mutex::new(None),
             stop: CancellationToken::new(),
@@ -173,6 +213,23 @@ impl FakeKlavi {
     /// Tokens issued so far.
     pub fn issued(&self) -> u64 {
         self.state.issued.load(Ordering::SeqCst)
+    }
+
+    /// API (non-auth) requests received so far.
+    pub fn api_calls(&self) -> u64 {
+        self.state.api_calls.load(Ordering::SeqCst)
+    }
+
+    /// Revokes `token`: API calls with it are answered 401 from now on.
+    /// False if the fake never issued it (or it expired).
+    pub fn revoke(&self, token: &str) -> bool {
+        match lock(&self.state.tokens).get_mut(token) {
+            Some(issued) => {
+                issued.revoked = true;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The last token issued.
@@ -258,14 +315,15 @@ async fn handle(
             "in_flight": state.in_flight.load(Ordering::SeqCst),
             "max_in_flight": state.max_in_flight.load(Ordering::SeqCst),
             "issued": state.issued.load(Ordering::SeqCst),
+            "api_calls": state.api_calls.load(Ordering::SeqCst),
         });
         return Ok(json_response(StatusCode::OK, &stats));
     }
+    if request.uri().path() == REVOKE_PATH && request.method() == Method::POST {
+        return Ok(revoke(&state, request).await);
+    }
     if request.uri().path() != AUTH_PATH {
-        return Ok(json_response(
-            StatusCode::NOT_FOUND,
-            &json!({"error": "not found"}),
-        ));
+        return Ok(api_answer(&state, &request));
     }
     if request.method() != Method::POST {
         return Ok(json_response(
@@ -384,6 +442,78 @@ fn check_keys(config: &FakeKlaviConfig, body: &[u8]) -> Result<(), Box<FakeRespo
     }
 }
 
+fn now_unix() -> u64 {
+    SystemClock
+        .now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Klavi's API as far as tokens go: 200 echoing the method and path with a
+/// valid bearer token (counting its use), 401 otherwise.
+fn api_answer(state: &State, request: &Request<Incoming>) -> FakeResponse {
+    state.api_calls.fetch_add(1, Ordering::SeqCst);
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let refused = match bearer {
+        None => Some("missing"),
+        Some(token) => {
+            let mut tokens = lock(&state.tokens);
+            let issued = tokens.get_mut(token);
+            let refused = refusal(issued.as_deref(), now_unix(), state.config.single_use);
+            if let (None, Some(issued)) = (refused, issued) {
+                issued.uses += 1;
+            }
+            refused
+        }
+    };
+    let echo = |valid: bool| {
+        json!({
+            "method": request.method().as_str(),
+            "path": request.uri().path(),
+            "bearerValid": valid,
+        })
+    };
+    match refused {
+        None => json_response(StatusCode::OK, &echo(true)),
+        Some(why) => {
+            let mut body = echo(false);
+            body["error"] = json!("invalid_token");
+            body["message"] = json!("the access token provided was invalid or has expired");
+            body["reason"] = json!(why);
+            json_response(StatusCode::UNAUTHORIZED, &body)
+        }
+    }
+}
+
+/// `POST /_fake/revoke`.
+async fn revoke(state: &State, request: Request<Incoming>) -> FakeResponse {
+    let body = Limited::new(request.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut tokens = lock(&state.tokens);
+    let revoked = if asked["all"] == json!(true) {
+        tokens.values_mut().for_each(|t| t.revoked = true);
+        tokens.len()
+    } else {
+        match asked["accessToken"].as_str().and_then(|t| tokens.get_mut(t)) {
+            Some(issued) => {
+                issued.revoked = true;
+                1
+            }
+            None => 0,
+        }
+    };
+    json_response(StatusCode::OK, &json!({"revoked": revoked}))
+}
+
 /// A new JWT-shaped token from a clock `skew_secs` off the real one.
 fn issue_token(state: &State, ttl: Duration, skew_secs: i64) -> FakeResponse {
     let n = state.issued.fetch_add(1, Ordering::SeqCst) + 1;
@@ -399,6 +529,22 @@ fn issue_token(state: &State, ttl: Duration, skew_secs: i64) -> FakeResponse {
     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signature = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
     let token = format!("{header}.{payload}.{signature}");
+    {
+        let mut tokens = lock(&state.tokens);
+        // Forget expired tokens now and then, so a long run stays small.
+        if tokens.len() >= 1024 && n.is_multiple_of(256) {
+            let real_now = now_unix();
+            tokens.retain(|_, t| t.expire_at > real_now);
+        }
+        tokens.insert(
+            token.clone(),
+            Issued {
+                expire_at,
+                uses: 0,
+                revoked: false,
+            },
+        );
+    }
     *lock(&state.last_token) = Some((token.clone(), expire_at));
     json_response(
         StatusCode::OK,

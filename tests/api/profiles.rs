@@ -18,6 +18,7 @@ async fn two_profiles(
         token_ttl: Duration::from_secs(300),
         access_key: "mgmt-access-key".into(),
         secret_key: "mgmt-secret-key".into(),
+        ..FakeKlaviConfig::default()
     })
     .await
     .unwrap();
