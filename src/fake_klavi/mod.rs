@@ -503,7 +503,10 @@ async fn revoke(state: &State, request: Request<Incoming>) -> FakeResponse {
         tokens.values_mut().for_each(|t| t.revoked = true);
         tokens.len()
     } else {
-        match asked["accessToken"].as_str().and_then(|t| tokens.get_mut(t)) {
+        match asked["accessToken"]
+            .as_str()
+            .and_then(|t| tokens.get_mut(t))
+        {
             Some(issued) => {
                 issued.revoked = true;
                 1

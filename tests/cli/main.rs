@@ -451,5 +451,6 @@ fn get(addr: &str, path: &str) -> String {
     )
 }
 
+mod leases;
 mod profiles;
 mod redaction;

@@ -1,0 +1,338 @@
+//! Rejected tokens and single-use leases through the real binary, against
+//! an in-process fake Klavi whose requests the tests count (SPEC §4.2,
+//! guarantees 3, 11 and 12).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig, Outcome};
+
+use super::*;
+
+const HEADER: (&str, &str) = ("Klavi-Sidecar", "true");
+
+/// A sidecar process serving `profiles_env` against `fake`, with its token
+/// and ops addresses; ready when this returns.
+struct Sidecar {
+    process: Option<Captured>,
+    token: String,
+    ops: String,
+    http: reqwest::Client,
+}
+
+impl Sidecar {
+    async fn start(fake: &FakeKlavi, env: &[(&str, &str)]) -> Self {
+        let (token, ops) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let base = fake.base_url();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("KLAVI_ACCESS_KEY", "demo-access-key"),
+            ("KLAVI_SECRET_KEY", "demo-secret-key"),
+            ("KLAVI_SIDECAR_KLAVI__BASE_URL", &base),
+            ("RUST_LOG", "info"),
+        ];
+        all.extend_from_slice(env);
+        let process = Captured::spawn(sidecar(
+            &["run", "--listen", &token, "--ops-listen", &ops],
+            &all,
+        ));
+        klavi_token_sidecar::upstream::klavi::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(600)
+            .build()
+            .unwrap();
+        let sidecar = Self {
+            process: Some(process),
+            token,
+            ops,
+            http,
+        };
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ready = self
+                .http
+                .get(format!("http://{}/readyz", self.ops))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not ready in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.token)
+    }
+
+    /// GET (or POST with `body`) on the token listener; status and JSON.
+    async fn call(&self, post: bool, path: &str, body: Option<String>) -> (u16, serde_json::Value) {
+        let request = if post {
+            self.http.post(self.url(path))
+        } else {
+            self.http.get(self.url(path))
+        };
+        let request = match body {
+            Some(body) => request.body(body),
+            None => request,
+        };
+        let response = request.header(HEADER.0, HEADER.1).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+
+    async fn token(&self) -> String {
+        let (status, body) = self.call(false, "/token", None).await;
+        assert_eq!(status, 200, "{body}");
+        body["accessToken"].as_str().unwrap().to_string()
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.ops))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}"))
+    }
+
+    fn stop(mut self) -> String {
+        self.process.take().map(Captured::stop).unwrap_or_default()
+    }
+}
+
+fn rejected(token: &str) -> Option<String> {
+    Some(serde_json::json!({ "rejectedToken": token }).to_string())
+}
+
+/// An app got 401 for its token within `min_interval_secs` of the fetch:
+/// reporting it brings a new token at once, and the rejected one never
+/// comes back, from any route, however often asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_token_is_replaced_at_once_and_never_served_again() {
+    let fake = FakeKlavi::start_local(FakeKlaviConfig {
+        token_ttl: Duration::from_secs(300),
+        ..FakeKlaviConfig::default()
+    })
+    .await
+    .unwrap();
+    let app = Sidecar::start(&fake, &[]).await;
+    let first = app.token().await;
+    assert!(fake.revoke(&first));
+    let asked = Instant::now();
+    let (status, body) = app.call(true, "/token/refresh", rejected(&first)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "not held back by min_interval"
+    );
+    let second = body["accessToken"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    assert_eq!(fake.calls(), 2);
+    for i in 0..3000 {
+        assert_ne!(app.token().await, first, "served again at poll {i}");
+        if i % 30 == 0 {
+            let (status, body) = app.call(true, "/token/refresh", None).await;
+            assert_eq!(status, 200);
+            assert_ne!(body["accessToken"], first.as_str());
+        }
+    }
+    // Rejecting it again (an app that was slow to notice) fetches nothing.
+    let (status, body) = app.call(true, "/token/refresh", rejected(&first)).await;
+    assert_eq!(
+        (status, body["accessToken"].as_str()),
+        (200, Some(second.as_str()))
+    );
+    assert_eq!(fake.calls(), 2);
+    assert_eq!(
+        app.metric("klavi_sidecar_rejected_tokens_total{profile=\"default\"}")
+            .await,
+        1.0
+    );
+    // Bad bodies are refused and change nothing.
+    for bad in ["{\"rejectedToken\": 5}", "not json", "[]"] {
+        let (status, body) = app.call(true, "/token/refresh", Some(bad.into())).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_body")),
+            "{bad}"
+        );
+    }
+    assert_eq!(app.token().await, second);
+    let log = app.stop();
+    assert!(
+        !log.contains(&first) && !log.contains(&second),
+        "no token in the log"
+    );
+    assert!(log.contains("token reported rejected"), "{log}");
+    fake.stop().await;
+}
+
+/// Fifty apps get 401 at once for the same token: one fetch replaces it
+/// for all; meanwhile `/readyz` says `token_rejected` and `GET /token`
+/// waits for the replacement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_rejections_cause_one_fetch() {
+    let fake = FakeKlavi::start_local(FakeKlaviConfig {
+        token_ttl: Duration::from_secs(300),
+        ..FakeKlaviConfig::default()
+    })
+    .await
+    .unwrap();
+    let app = Arc::new(Sidecar::start(&fake, &[]).await);
+    let first = app.token().await;
+    fake.set_default(Outcome::token().after(Duration::from_millis(800)));
+    let rejections: Vec<_> = (0..50)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            let first = first.clone();
+            tokio::spawn(async move { app.call(true, "/token/refresh", rejected(&first)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let readyz = app
+        .http
+        .get(format!("http://{}/readyz", app.ops))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 503);
+    let readyz: serde_json::Value = readyz.json().await.unwrap();
+    assert_eq!(readyz["reason"], "token_rejected", "{readyz}");
+    let waiting = app.token().await;
+    let mut answers = HashSet::new();
+    for r in rejections {
+        let (status, body) = r.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        answers.insert(body["accessToken"].as_str().unwrap().to_string());
+    }
+    assert_eq!(answers.len(), 1, "one replacement for all");
+    assert!(answers.contains(&waiting));
+    assert!(!answers.contains(&first));
+    assert_eq!(fake.calls(), 2, "one fetch for fifty rejections");
+    assert_eq!(fake.max_in_flight(), 1);
+    Arc::try_unwrap(app).ok().unwrap().stop();
+    fake.stop().await;
+}
+
+/// 500 concurrent leases of a single_use profile get 500 distinct tokens,
+/// none also handed out by any other route, with one auth request in
+/// flight at a time; and the fake in single-use mode accepts each exactly
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_leases_get_five_hundred_distinct_tokens() {
+    let fake = FakeKlavi::start_local(FakeKlaviConfig {
+        token_ttl: Duration::from_secs(300),
+        single_use: true,
+        ..FakeKlaviConfig::default()
+    })
+    .await
+    .unwrap();
+    let pay_fake = FakeKlavi::start_local(FakeKlaviConfig {
+        token_ttl: Duration::from_secs(300),
+        single_use: true,
+        ..FakeKlaviConfig::default()
+    })
+    .await
+    .unwrap();
+    let pay_url = pay_fake.base_url();
+    let app = Arc::new(
+        Sidecar::start(
+            &fake,
+            &[
+                ("KLAVI_SIDECAR_PROFILES__PAY__BASE_URL", &pay_url),
+                ("KLAVI_SIDECAR_PROFILES__PAY__ACCESS_KEY", "demo-access-key"),
+                ("KLAVI_SIDECAR_PROFILES__PAY__SECRET_KEY", "demo-secret-key"),
+                ("KLAVI_SIDECAR_PROFILES__PAY__MODE", "single_use"),
+                ("KLAVI_SIDECAR_PROFILES__PAY__POOL_SIZE", "4"),
+                (
+                    "KLAVI_SIDECAR_PROFILES__PAY__REFRESH__MAX_AUTH_PER_MINUTE",
+                    "600",
+                ),
+                ("KLAVI_SIDECAR_PROFILES__PAY__REFRESH__WAIT_MS", "20000"),
+                ("KLAVI_SIDECAR_SERVER__REQUEST_TIMEOUT_MS", "30000"),
+                ("KLAVI_SIDECAR_SERVER__SHUTDOWN_GRACE_SECS", "30"),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(pay_fake.calls(), 4, "the pool filled ahead");
+    let leases: Vec<_> = (0..500)
+        .map(|_| {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move { app.call(true, "/profiles/pay/token/lease", None).await })
+        })
+        .collect();
+    let shared = app.token().await;
+    let mut leased = HashSet::new();
+    for lease in leases {
+        let (status, body) = lease.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body["expiresIn"].as_u64().unwrap() >= 5);
+        assert!(leased.insert(body["accessToken"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(leased.len(), 500);
+    assert!(!leased.contains(&shared));
+    assert_eq!(pay_fake.max_in_flight(), 1, "one auth request at a time");
+    assert!(
+        pay_fake.calls() <= 500 + 4 + 4,
+        "{} auth requests",
+        pay_fake.calls()
+    );
+    // The shared routes refuse the single_use profile, and vice versa.
+    let (status, body) = app.call(false, "/profiles/pay/token", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("single_use_profile"))
+    );
+    let (status, body) = app.call(true, "/profiles/pay/token/refresh", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("single_use_profile"))
+    );
+    let (status, body) = app.call(true, "/token/lease", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("shared_profile"))
+    );
+    // Each leased token works once against a Klavi that enforces it.
+    let api = app.http.clone();
+    let pay = |token: &str| {
+        api.post(format!("{pay_url}/payment/customer/v1/payments"))
+            .bearer_auth(token)
+            .send()
+    };
+    for token in leased.iter().take(20) {
+        assert_eq!(pay(token).await.unwrap().status(), 200);
+        assert_eq!(pay(token).await.unwrap().status(), 401, "second use");
+    }
+    assert!(
+        app.metric("klavi_sidecar_leases_total{profile=\"pay\",outcome=\"pooled\"}")
+            .await
+            + app
+                .metric("klavi_sidecar_leases_total{profile=\"pay\",outcome=\"waited\"}")
+                .await
+            == 500.0
+    );
+    let log = Arc::try_unwrap(app).ok().unwrap().stop();
+    for token in leased.iter().take(50) {
+        assert!(!log.contains(token.as_str()), "a token in the log");
+    }
+    fake.stop().await;
+    pay_fake.stop().await;
+}
