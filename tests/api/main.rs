@@ -6,6 +6,7 @@
 // These tests compare what the sidecar reports with the real clocks.
 #![allow(clippy::disallowed_methods)]
 
+mod fake_api;
 mod forced_refresh;
 mod helpers;
 mod lifecycle;
