@@ -91,6 +91,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             serve_margin: Duration::from_secs(5),
             backoff_max,
             rss_growth_limit: 2 << 20,
+            reject_every: Some(Duration::from_secs(2)),
         },
         &fake,
         || soak::rss_of(pid),

@@ -48,6 +48,7 @@ async fn chaos_soak_keeps_every_guarantee() {
             serve_margin: Duration::from_secs(1),
             backoff_max: Duration::from_secs(2),
             rss_growth_limit: 8 << 20,
+            reject_every: Some(Duration::from_millis(700)),
         },
         &fake,
         || soak::rss_of(pid),
@@ -66,4 +67,5 @@ async fn chaos_soak_keeps_every_guarantee() {
         report.summary()
     );
     assert!(report.rss_start.is_some());
+    assert!(report.rejections >= 10, "{}", report.summary());
 }

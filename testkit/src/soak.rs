@@ -15,7 +15,12 @@
 //! 4. after each fault ends, `/readyz` is 200 again within
 //!    `backoff_max` plus one second;
 //! 5. the sidecar's RSS at the end is within a bound of its RSS a quarter
-//!    of the way through (warm: every fault seen once, buffers grown).
+//!    of the way through (warm: every fault seen once, buffers grown);
+//! 6. with `reject_every`, a client reports the current token rejected
+//!    that often (as an app does after Klavi's 401), and no request that
+//!    starts after a report is answered with the reported token
+//!    (guarantee 11), whatever the fake does meanwhile (its `same` fault
+//!    sends the rejected token back).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -50,6 +55,8 @@ pub struct SoakConfig {
     pub backoff_max: Duration,
     /// Allowed RSS growth from after warm-up to the end, bytes.
     pub rss_growth_limit: u64,
+    /// Report the current token rejected this often (`None`: never).
+    pub reject_every: Option<Duration>,
 }
 
 /// The faults cycled through, each followed by a healthy phase.
@@ -106,6 +113,8 @@ pub struct SoakReport {
     pub worst_latency: Duration,
     /// Fault phases run.
     pub phases: u64,
+    /// Tokens reported rejected.
+    pub rejections: u64,
     /// Slowest return to ready after a fault.
     pub worst_recovery: Duration,
     /// RSS after warm-up and at the end, bytes (if sampled).
@@ -137,6 +146,7 @@ impl SoakReport {
             let _ = writeln!(out, "non-200 {reason:<24} {n}");
         }
         let _ = writeln!(out, "fault phases       {}", self.phases);
+        let _ = writeln!(out, "tokens rejected    {}", self.rejections);
         let _ = writeln!(out, "upstream calls     {}", self.upstream_calls);
         let _ = writeln!(out, "max in flight      {}", self.max_in_flight);
         let _ = writeln!(out, "worst latency      {:?}", self.worst_latency);
@@ -170,8 +180,11 @@ struct Shared {
     ok: AtomicU64,
     worst_latency_us: AtomicU64,
     failures: Mutex<BTreeMap<String, u64>>,
-    /// (when answered, expireAt) of the 200 answered last.
-    last_served: Mutex<Option<(Instant, i64)>>,
+    /// (when answered, expireAt, token) of the 200 answered last.
+    last_served: Mutex<Option<(Instant, i64, String)>>,
+    /// Tokens reported rejected, and when the report was answered (`None`
+    /// while it is on its way).
+    rejected: Mutex<std::collections::HashMap<String, Option<Instant>>>,
     violations: Mutex<(Vec<String>, u64)>,
     stop: AtomicBool,
     /// The phase running, for the violation messages.
@@ -227,6 +240,16 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
         match outcome {
             Ok((200, Some(body))) => {
                 shared.ok.fetch_add(1, Ordering::Relaxed);
+                let token = body["accessToken"].as_str().unwrap_or_default();
+                let reported = shared
+                    .rejected
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(token)
+                    .copied();
+                if reported.flatten().is_some_and(|at| at <= started) {
+                    shared.violation("served a token reported rejected before the request".into());
+                }
                 let expires_in = body["expiresIn"].as_i64().unwrap_or(-1);
                 let expire_at = body["expireAt"].as_i64().unwrap_or(0);
                 // The sidecar judged the token after this request was sent,
@@ -243,8 +266,9 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
                     .last_served
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                if last.is_none_or(|(at, _)| at <= answered) {
-                    *last = Some((answered, expire_at));
+                // A token reported meanwhile is no token held.
+                if reported.is_none() && last.as_ref().is_none_or(|(at, ..)| *at <= answered) {
+                    *last = Some((answered, expire_at, token.to_string()));
                 }
             }
             other => {
@@ -266,11 +290,20 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
                     .or_default() += 1;
                 // Only a token answered before this request began says the
                 // sidecar held it when this request arrived.
-                let last = *shared
+                let last = shared
                     .last_served
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if let Some((answered, expire_at)) = last
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                // A token being reported rejected is no token held.
+                let held = last.filter(|(.., token)| {
+                    !shared
+                        .rejected
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .contains_key(token)
+                });
+                if let Some((answered, expire_at, _)) = held
                     && answered <= started
                 {
                     let left = expire_at as f64 - now_unix();
@@ -285,6 +318,53 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
         }
         tokio::time::sleep(config.pacing).await;
     }
+}
+
+/// Reports the current token rejected every `every`, as an app does after
+/// Klavi's 401; returns how many it reported.
+async fn rejecter(
+    http: reqwest::Client,
+    base: String,
+    every: Duration,
+    shared: Arc<Shared>,
+) -> u64 {
+    let mut reported = 0;
+    while !shared.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        let current = http
+            .get(format!("{base}/token"))
+            .header("Klavi-Sidecar", "true")
+            .send()
+            .await;
+        let Ok(current) = current else { continue };
+        let Ok(body) = current.json::<serde_json::Value>().await else {
+            continue;
+        };
+        let Some(token) = body["accessToken"].as_str() else {
+            continue;
+        };
+        shared
+            .rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(token.to_string(), None);
+        let report = http
+            .post(format!("{base}/token/refresh"))
+            .header("Klavi-Sidecar", "true")
+            .json(&serde_json::json!({ "rejectedToken": token }))
+            .send()
+            .await;
+        if report.is_err() {
+            continue;
+        }
+        reported += 1;
+        shared
+            .rejected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(token.to_string(), Some(Instant::now()));
+    }
+    reported
 }
 
 /// Waits until `/readyz` answers 200; returns how long that took, or
@@ -344,6 +424,15 @@ pub async fn run(
         })
         .collect();
 
+    let rejecter = config.reject_every.map(|every| {
+        tokio::spawn(rejecter(
+            http.clone(),
+            config.token_base.clone(),
+            every,
+            Arc::clone(&shared),
+        ))
+    });
+
     let started = Instant::now();
     let mut peak = None::<u64>;
     let sample = |peak: &mut Option<u64>| {
@@ -400,6 +489,9 @@ pub async fn run(
     shared.stop.store(true, Ordering::Relaxed);
     for client in clients {
         let _ = client.await;
+    }
+    if let Some(rejecter) = rejecter {
+        report.rejections = rejecter.await.unwrap_or(0);
     }
     report.rss_end = sample(&mut peak);
     report.rss_peak = peak;
