@@ -328,7 +328,20 @@ async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported() {
         "{rules:?} {dashboard:?}"
     );
     let used: std::collections::BTreeSet<String> = rules.union(&dashboard).cloned().collect();
-    let app = TestApp::spawn().await;
+    // With a single_use profile too, whose lease series a shared one
+    // lacks; its Klavi is a closed port, so the fake still sees one
+    // profile's requests only.
+    let app = TestApp::spawn_env(&[
+        (
+            "KLAVI_SIDECAR_PROFILES__PAY__BASE_URL",
+            "http://127.0.0.1:9",
+        ),
+        ("KLAVI_SIDECAR_PROFILES__PAY__REQUIRED", "false"),
+        ("KLAVI_SIDECAR_PROFILES__PAY__ACCESS_KEY", "demo-access-key"),
+        ("KLAVI_SIDECAR_PROFILES__PAY__SECRET_KEY", "demo-secret-key"),
+        ("KLAVI_SIDECAR_PROFILES__PAY__MODE", "single_use"),
+    ])
+    .await;
     let response = app.http.get(app.ops_url("/metrics")).send().await.unwrap();
     let text = response.text().await.unwrap();
     let exported: std::collections::BTreeSet<String> = text
