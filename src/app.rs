@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::digests::TokenLedger;
 use crate::cache::refresher::{RefreshObserver, Refresher};
 use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
@@ -75,17 +76,30 @@ impl Application {
             }
             None => (None, None),
         };
+        for (later, earlier) in config.shared_key_pair_twins() {
+            tracing::warn!(
+                profile = later,
+                same_keys_as = earlier,
+                "two shared profiles of one key pair fetch two tokens for one account and do not \
+                 see each other's rejected tokens; use one profile"
+            );
+        }
         let mut profiles = Vec::with_capacity(config.profiles.len());
+        // One ledger for the process: profiles with the same keys may be
+        // sent the same token, and what one leased or saw rejected the
+        // others must know.
+        let ledger = Arc::new(TokenLedger::default());
         for profile in &config.profiles {
             let credentials = Arc::new(Credentials::load(&profile.name, &profile.klavi)?);
             let refresh = &profile.refresh;
             let (margin, min_interval) = (refresh.policy.serve_margin, refresh.policy.min_interval);
-            let store = Arc::new(match profile.mode {
+            let store = match profile.mode {
                 TokenMode::Shared => TokenStore::new(margin, min_interval, refresh.wait),
                 TokenMode::SingleUse { pool_size } => {
                     TokenStore::single_use(margin, min_interval, refresh.wait, pool_size)
                 }
-            });
+            };
+            let store = Arc::new(store.with_ledger(Arc::clone(&ledger)));
             profiles.push(Parts {
                 config: profile.clone(),
                 credentials,

@@ -180,7 +180,13 @@ impl<S: TokenSource> Refresher<S> {
             // A single_use profile fetches when its pool wants a token
             // (leases waiting, too few fresh ones), after any backoff.
             if let Some(due) = self.store.pool_due(now) {
-                let due = due.unwrap_or(now + IDLE);
+                // Until an attempt succeeds, and after one fails, it also
+                // tries on its backoff with no lease waiting, so readiness
+                // says whether its keys and Klavi work: a `pool_size = 0`
+                // profile would otherwise wait for a lease, which an
+                // unready pod never gets.
+                let probe = (state.successes == 0 || state.last_error.is_some()).then_some(now);
+                let due = due.into_iter().chain(probe).min().unwrap_or(now + IDLE);
                 scheduled = progress.backoff_until.map_or(due, |at| due.max(at));
             }
             let backoff = progress.backoff_until.map_or(now, |at| at.max(now));
@@ -313,19 +319,14 @@ impl<S: TokenSource> Refresher<S> {
     /// rejected (guarantee 11), or for a single_use profile one Klavi sent
     /// before (guarantee 12).
     fn refuse_known(&self, token: Token) -> Result<Token, FetchError> {
-        if self.store.is_rejected(&token) {
-            return Err(FetchError::Invalid(format!(
-                "Klavi sent back token {}, which was reported rejected",
+        match self.store.refusal(&token) {
+            Some(refusal) => Err(FetchError::Invalid(format!(
+                "{} ({})",
+                refusal.explain(),
                 token.fingerprint()
-            )));
+            ))),
+            None => Ok(token),
         }
-        if self.store.seen_before(&token) {
-            return Err(FetchError::Invalid(format!(
-                "Klavi sent token {} again; a single_use profile never hands one out twice",
-                token.fingerprint()
-            )));
-        }
-        Ok(token)
     }
 
     /// Stores a fetched token; returns when to refresh next.

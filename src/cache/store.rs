@@ -15,7 +15,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::cache::digests::ExpiringDigests;
+use crate::cache::digests::{Refusal, TokenLedger};
 use crate::cache::pool::{Duplicate, Grant, Lease, Pool, Pooled};
 use crate::cache::source::Category;
 use crate::cache::token::Token;
@@ -149,6 +149,9 @@ pub enum UnavailableReason {
     Failed,
     /// The refresh task is not running.
     TaskStopped,
+    /// A lease's wait ran out while the tokens fetched meanwhile went to
+    /// leases that asked earlier (first come, first served).
+    TakenByEarlierLeases,
     /// `min_ttl` asks for more than a token fetched within
     /// `min_interval_secs` (or for this request) has left.
     MinTtlUnsatisfiable {
@@ -248,10 +251,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct TokenStore {
     current: ArcSwapOption<Token>,
-    /// Tokens reported rejected, until they expire. Its lock also orders
-    /// storing a token against rejecting one, so a token rejected while
-    /// a fetch brings it back is never stored again.
-    rejected: Mutex<ExpiringDigests>,
+    /// What the process knows of the tokens it held (shared by every
+    /// profile). Its lock also orders storing a token against rejecting
+    /// one, so a token rejected while a fetch brings it back is never
+    /// stored again.
+    ledger: Arc<TokenLedger>,
     /// single_use profiles: the lease pool (then `current` stays empty).
     pool: Option<Mutex<Pool>>,
     state: watch::Sender<RefreshState>,
@@ -267,7 +271,7 @@ impl TokenStore {
     pub fn new(serve_margin: Duration, min_interval: Duration, wait: Duration) -> Self {
         Self {
             current: ArcSwapOption::empty(),
-            rejected: Mutex::new(ExpiringDigests::default()),
+            ledger: Arc::new(TokenLedger::default()),
             pool: None,
             state: watch::Sender::new(RefreshState::default()),
             demand: Mutex::new(Demand::default()),
@@ -291,6 +295,13 @@ impl TokenStore {
             pool: Some(Mutex::new(Pool::new(pool_size, serve_margin))),
             ..Self::new(serve_margin, min_interval, wait)
         }
+    }
+
+    /// Shares `ledger` with the other profiles' stores (the app gives every
+    /// store the process's one ledger; a store on its own has its own).
+    pub fn with_ledger(mut self, ledger: Arc<TokenLedger>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     /// Whether tokens are leased (single_use) rather than shared.
@@ -323,36 +334,57 @@ impl TokenStore {
     }
 
     /// Replaces the token (the refresh task's job; public for tests),
-    /// unless it was reported rejected: then it returns false and the
-    /// store stays as it was.
+    /// unless the process may not serve it (reported rejected, or leased
+    /// as single-use): then it returns false and the store stays as it
+    /// was.
     pub fn set_token(&self, token: Arc<Token>) -> bool {
-        let rejected = lock(&self.rejected);
-        if rejected.contains(token.digest(), Instant::now()) {
+        let now = Instant::now();
+        let mut ledger = self.ledger.lock();
+        if ledger.refuses_shared(&token, now).is_some() {
             return false;
         }
+        ledger.hold_shared(&token, now);
         self.current.store(Some(token));
         true
     }
 
     /// Whether `token` was reported rejected (and has not expired).
     pub fn is_rejected(&self, token: &Token) -> bool {
-        lock(&self.rejected).contains(token.digest(), Instant::now())
+        self.ledger.lock().is_rejected(token, Instant::now())
+    }
+
+    /// Why this profile may not take `token` from Klavi, if it may not:
+    /// reported rejected (guarantee 11), or for a single_use profile held
+    /// by this process before, in any profile (guarantee 12).
+    pub fn refusal(&self, token: &Token) -> Option<Refusal> {
+        let ledger = self.ledger.lock();
+        let now = Instant::now();
+        if self.is_single_use() {
+            ledger.refuses_single_use(token, now)
+        } else {
+            ledger.refuses_shared(token, now)
+        }
     }
 
     /// Klavi refused the token whose digest is `rejected`: if it is the
     /// current one, it is dropped and remembered until it expires, so no
-    /// route serves it again, and a replacement is demanded at once.
-    /// Compared in constant time; only the digest is kept.
+    /// route of any profile serves it again, and a replacement is
+    /// demanded at once. A token this profile held before is remembered
+    /// rejected too, with no fetch. Compared in constant time; only the
+    /// digest is kept.
     pub fn reject(&self, rejected: &TokenDigest) -> Rejection {
         {
-            let mut digests = lock(&self.rejected);
-            let current = self.current.load_full();
-            match current {
+            let now = Instant::now();
+            let mut ledger = self.ledger.lock();
+            match self.current.load_full() {
                 Some(token) if token.digest() == rejected => {
-                    digests.insert(*rejected, token.expires_at(), Instant::now());
+                    ledger.reject(*rejected, token.expires_at(), now);
                     self.current.store(None);
                 }
-                _ => return Rejection::NotCurrent,
+                _ => {
+                    ledger.reject_if_held(rejected, now);
+                    return Rejection::NotCurrent;
+                }
             }
         }
         self.add_demand(|d| d.replacement = true);
@@ -365,22 +397,21 @@ impl TokenStore {
     }
 
     /// For a single_use profile's refresh task: puts a fetched token into
-    /// the pool (or straight to a waiting lease); refused if Klavi sent
-    /// it before.
+    /// the pool (or straight to a waiting lease); refused if this process
+    /// held it before, in any profile.
     pub(crate) fn deposit(&self, pooled: Pooled) -> Result<(), Duplicate> {
-        match &self.pool {
-            Some(pool) => lock(pool).deposit(pooled, Instant::now()),
-            None => Err(Duplicate),
+        let Some(pool) = &self.pool else {
+            return Err(Duplicate);
+        };
+        let now = Instant::now();
+        {
+            let mut ledger = self.ledger.lock();
+            if ledger.refuses_single_use(&pooled.token, now).is_some() {
+                return Err(Duplicate);
+            }
+            ledger.hold_single_use(&pooled.token, now);
         }
-    }
-
-    /// For a single_use profile: whether Klavi sent `token` before.
-    pub(crate) fn seen_before(&self, token: &Token) -> bool {
-        // Depositing checks too; asking first lets the refresh task count
-        // it as the failure it is rather than as a success.
-        self.pool
-            .as_ref()
-            .is_some_and(|pool| lock(pool).has_seen(token, Instant::now()))
+        lock(pool).deposit(pooled, now)
     }
 
     /// For a single_use profile's refresh task: when the next fetch is
@@ -399,10 +430,11 @@ impl TokenStore {
         if let Some(pool) = &self.pool {
             let pool = lock(pool);
             let ready = pool.ready(now);
-            // A pool of size 0 fetches per lease: ready unless the last
-            // attempt failed.
-            let failed = self.state.borrow().last_error.is_some();
-            return if ready > 0 || (pool.size() == 0 && !failed) {
+            // A pool of size 0 fetches per lease: ready once an attempt
+            // has succeeded and while the last one did not fail.
+            let state = self.state.borrow();
+            let working = state.successes > 0 && state.last_error.is_none();
+            return if ready > 0 || (pool.size() == 0 && working) {
                 Readiness::Ready(None)
             } else {
                 Readiness::NotReady(NotReadyReason::PoolEmpty)
@@ -571,10 +603,9 @@ impl TokenStore {
     pub async fn replace_rejected(
         &self,
         rejected: &TokenDigest,
-    ) -> Result<(Served, Rejection), Unavailable> {
+    ) -> (Rejection, Result<Served, Unavailable>) {
         let rejection = self.reject(rejected);
-        let served = self.token_with(Duration::ZERO).await?;
-        Ok((served, rejection))
+        (rejection, self.token_with(Duration::ZERO).await)
     }
 
     /// A single_use profile's lease: a token no caller was given before,
@@ -610,6 +641,7 @@ impl TokenStore {
             reply: receiver,
         };
         let seq = self.add_demand(|_| {});
+        let successes_when_queued = snapshot.successes;
         let deadline = now + self.wait;
         let granted = |grant: Grant| match grant {
             Grant::Token { pooled, at } => Ok((
@@ -637,7 +669,13 @@ impl TokenStore {
                         Ok(()) => continue,
                         Err(_) => UnavailableReason::TaskStopped,
                     },
-                    () = tokio::time::sleep_until(deadline) => UnavailableReason::Timeout,
+                    () = tokio::time::sleep_until(deadline) => {
+                        if self.state.borrow().successes > successes_when_queued {
+                            UnavailableReason::TakenByEarlierLeases
+                        } else {
+                            UnavailableReason::Timeout
+                        }
+                    }
                 },
             };
             // A grant that arrived as the wait ended is still the answer.
@@ -704,7 +742,9 @@ impl TokenStore {
         };
         // A wait cut short by the budget says so, whatever Klavi last said.
         let last_error = match reason {
-            UnavailableReason::Failed | UnavailableReason::Timeout
+            UnavailableReason::Failed
+            | UnavailableReason::Timeout
+            | UnavailableReason::TakenByEarlierLeases
                 if state.budget_held && !state.fetching =>
             {
                 Some(Category::LocalRateLimit)

@@ -171,6 +171,30 @@ impl Config {
         self.profiles.iter().find(|p| p.name == name)
     }
 
+    /// Pairs of shared profiles (later, earlier) of one key pair: same
+    /// auth URL and same access key or key file. They fetch two tokens
+    /// for one account, double the auth traffic, and do not see each
+    /// other's rejected tokens, so the service warns of them. (A
+    /// single_use profile beside a shared one of the same keys is fine:
+    /// the token ledger keeps their tokens apart.)
+    pub fn shared_key_pair_twins(&self) -> Vec<(&str, &str)> {
+        let shared: Vec<&ProfileConfig> = self
+            .profiles
+            .iter()
+            .filter(|p| p.mode == TokenMode::Shared)
+            .collect();
+        let mut twins = Vec::new();
+        for (i, later) in shared.iter().enumerate() {
+            if let Some(earlier) = shared[..i].iter().find(|earlier| {
+                earlier.klavi.auth_url == later.klavi.auth_url
+                    && earlier.klavi.access_key == later.klavi.access_key
+            }) {
+                twins.push((later.name.as_str(), earlier.name.as_str()));
+            }
+        }
+        twins
+    }
+
     /// The effective configuration as TOML, every profile spelled out with
     /// what it inherits, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {

@@ -357,3 +357,15 @@ fn modes_pool_sizes_and_fleet_defaults() {
     let text = config.to_redacted_toml();
     assert!(text.contains("mode = \"shared\""), "{text}");
 }
+
+#[test]
+fn shared_profiles_of_one_key_pair_are_reported_for_a_warning() {
+    let toml = "[klavi]\naccess_key = \"a\"\nsecret_key = \"s\"\n\
+                [profiles.twin]\naccess_key = \"a\"\nsecret_key = \"s\"\n\
+                [profiles.other]\naccess_key = \"b\"\nsecret_key = \"s\"\n\
+                [profiles.pay]\naccess_key = \"a\"\nsecret_key = \"s\"\nmode = \"single_use\"\n\
+                [profiles.elsewhere]\naccess_key = \"a\"\nsecret_key = \"s\"\n\
+                base_url = \"https://api.klavi.ai\"\n";
+    let config = loaded(toml, &[]);
+    assert_eq!(config.shared_key_pair_twins(), vec![("twin", "default")]);
+}

@@ -38,7 +38,9 @@ pub const RANGES: [Range; 18] = [
     range("server.shutdown_grace_secs", 1, HOUR),
     range("server.header_read_timeout_ms", 100, 10 * MINUTE_MS),
     range("server.max_header_bytes", 1024, 1 << 20),
-    range("server.max_body_bytes", 0, 1 << 20),
+    // The rejected-token report may be 16 KiB (SPEC §4.2): below that a
+    // real report could be refused, and the rejected token kept serving.
+    range("server.max_body_bytes", 16 << 10, 1 << 20),
     range("server.max_connections", 1, 65_536),
     range("server.request_timeout_ms", 1000, 10 * MINUTE_MS),
     range("klavi.connect_timeout_ms", 100, MINUTE_MS),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use klavi_token_sidecar::fake_klavi::Outcome;
 use reqwest::StatusCode;
 
-use crate::helpers::{HEADER, TestApp, concurrent, json};
+use crate::helpers::{HEADER, TestApp, concurrent, eventually, json};
 
 #[tokio::test]
 async fn forced_refresh_is_coalesced_and_rate_limited() {
@@ -95,5 +95,59 @@ async fn a_forced_refresh_beyond_the_budget_is_503_local_rate_limit() {
     let again = json(app.get_token("").await).await;
     assert_eq!(again["accessToken"], first["accessToken"]);
     assert_eq!(app.fake.calls(), 1);
+    app.stop().await;
+}
+
+/// Review finding: when the replacement fetch failed, the rejection was
+/// neither counted nor logged as the current token's. It is, the answer
+/// says so (`Klavi-Sidecar-Rejection: replaced`), and the token stays gone.
+#[tokio::test]
+async fn a_rejection_whose_replacement_fails_is_counted_and_the_token_stays_gone() {
+    let app = TestApp::spawn_env(&[
+        ("KLAVI_SIDECAR_REFRESH__WAIT_MS", "600"),
+        ("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "1"),
+    ])
+    .await;
+    let token = json(app.get_token("").await).await["accessToken"].clone();
+    app.fake.set_default(Outcome::status(503));
+    let report = |token: serde_json::Value| {
+        app.http
+            .post(app.url("/token/refresh"))
+            .header(HEADER.0, HEADER.1)
+            .json(&serde_json::json!({ "rejectedToken": token }))
+            .send()
+    };
+    let response = report(token.clone()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(response.headers()["klavi-sidecar-rejection"], "replaced");
+    assert_eq!(
+        app.get_token("").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let metrics = app
+        .http
+        .get(app.ops_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("klavi_sidecar_rejected_tokens_total{profile=\"default\"} 1"),
+        "{metrics}"
+    );
+    // Klavi back: a report of the old token again is no longer current.
+    app.fake.set_default(Outcome::token());
+    eventually(Duration::from_secs(10), "a new token", || async {
+        app.get_token("").await.status() == StatusCode::OK
+    })
+    .await;
+    let fresh = json(app.get_token("").await).await["accessToken"].clone();
+    assert!(fresh.is_string() && fresh != token);
+    let response = report(token).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["klavi-sidecar-rejection"], "not_current");
+    assert_eq!(json(response).await["accessToken"], fresh);
     app.stop().await;
 }

@@ -135,12 +135,21 @@ async fn a_rejected_token_is_replaced_at_once_and_never_served_again() {
     let first = app.token().await;
     assert!(fake.revoke(&first));
     let asked = Instant::now();
-    let (status, body) = app.call(true, "/token/refresh", rejected(&first)).await;
-    assert_eq!(status, 200, "{body}");
+    let response = app
+        .http
+        .post(app.url("/token/refresh"))
+        .header(HEADER.0, HEADER.1)
+        .body(rejected(&first).unwrap())
+        .send()
+        .await
+        .unwrap();
     assert!(
         asked.elapsed() < Duration::from_secs(1),
         "not held back by min_interval"
     );
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["klavi-sidecar-rejection"], "replaced");
+    let body: serde_json::Value = response.json().await.unwrap();
     let second = body["accessToken"].as_str().unwrap().to_string();
     assert_ne!(second, first);
     assert_eq!(fake.calls(), 2);
@@ -271,7 +280,14 @@ async fn five_hundred_concurrent_leases_get_five_hundred_distinct_tokens() {
         )
         .await,
     );
-    assert_eq!(pay_fake.calls(), 4, "the pool filled ahead");
+    // Ready with one pooled token; the pool fills to 4 right after.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pay_fake.calls() < 4 {
+        assert!(Instant::now() < deadline, "the pool did not fill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(pay_fake.calls(), 4, "the pool filled ahead, and no further");
     let leases: Vec<_> = (0..500)
         .map(|_| {
             let app = Arc::clone(&app);
@@ -329,6 +345,30 @@ async fn five_hundred_concurrent_leases_get_five_hundred_distinct_tokens() {
                 .await
             == 500.0
     );
+    // Review finding: a lease ignored its body, so a chunked body over the
+    // limit used up a token and then lost it with the connection. The
+    // body is read first: 413, no token taken (no refill follows).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = pay_fake.calls();
+    let chunk = "x".repeat(4096);
+    let mut request = "POST /profiles/pay/token/lease HTTP/1.1\r\nHost: localhost\r\n\
+                       Klavi-Sidecar: true\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+        .to_string();
+    for _ in 0..5 {
+        request.push_str(&format!("1000\r\n{chunk}\r\n"));
+    }
+    request.push_str("0\r\n\r\n");
+    let answer = http(&app.token, &request);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // A small body is read and ignored; the next request on the
+    // connection is answered too.
+    let two = "POST /profiles/pay/token/lease HTTP/1.1\r\nHost: localhost\r\nKlavi-Sidecar: true\r\n\
+               Content-Length: 2\r\n\r\n{}GET /healthz HTTP/1.1\r\nHost: localhost\r\n\
+               Connection: close\r\n\r\n";
+    let answers = http(&app.token, two);
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 2, "{answers}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pay_fake.calls(), calls + 1, "one refill, for the one lease");
     let log = Arc::try_unwrap(app).ok().unwrap().stop();
     for token in leased.iter().take(50) {
         assert!(!log.contains(token.as_str()), "a token in the log");

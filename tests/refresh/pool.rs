@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use super::bounds::{budget_policy, most_in_any_minute};
 use super::*;
+use klavi_token_sidecar::cache::digests::TokenLedger;
 use klavi_token_sidecar::cache::store::{NotReadyReason, Readiness};
 
 fn name(served: &klavi_token_sidecar::cache::store::Served) -> String {
@@ -38,25 +39,109 @@ async fn the_pool_fills_to_its_size_one_fetch_at_a_time_and_refills_as_leases_ta
     h.stop().await;
 }
 
+/// `pool_size = 0`: one fetch at start, so readiness says whether the keys
+/// and Klavi work (its token goes to the first lease), then one per lease.
 #[tokio::test(start_paused = true)]
 async fn pool_size_zero_fetches_one_token_per_lease_and_nothing_ahead() {
     let h = start_pool(0, no_jitter(), token_step(300), vec![]);
-    sleep(secs(60)).await;
-    assert_eq!(h.calls(), 0);
     assert!(
-        matches!(h.store.readiness(Instant::now()), Readiness::Ready(_)),
-        "nothing tried, nothing failed"
+        matches!(
+            h.store.readiness(Instant::now()),
+            Readiness::NotReady(NotReadyReason::PoolEmpty)
+        ),
+        "not ready before an attempt succeeded"
     );
-    let mut seen = HashSet::new();
+    sleep(secs(60)).await;
+    assert_eq!(h.calls(), 1, "the start-up attempt only");
+    assert!(matches!(
+        h.store.readiness(Instant::now()),
+        Readiness::Ready(_)
+    ));
+    let (first, waited) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert!(!waited, "the start-up token");
+    assert_eq!(name(&first), "token-0");
+    let mut seen = HashSet::from([name(&first)]);
     for i in 0..5 {
         let (served, waited) = h.store.lease(Duration::ZERO).await.unwrap();
         assert!(waited);
         assert!(seen.insert(name(&served)));
-        assert_eq!(h.calls(), i + 1);
+        assert_eq!(h.calls(), i + 2);
     }
     sleep(secs(60)).await;
-    assert_eq!(h.calls(), 5);
+    assert_eq!(h.calls(), 6);
+    assert!(matches!(
+        h.store.readiness(Instant::now()),
+        Readiness::Ready(_)
+    ));
     h.stop().await;
+}
+
+/// Review finding: with `pool_size = 0`, a fetch that failed after its
+/// lease gave up was not retried until the next lease (an hour's idle
+/// sleep), and the profile stayed not ready, so in Kubernetes no lease
+/// would ever come. A failure is retried on its backoff, lease or not.
+#[tokio::test(start_paused = true)]
+async fn pool_size_zero_retries_a_failure_with_no_lease_waiting() {
+    let h = start_pool(
+        0,
+        no_jitter(),
+        token_step(300),
+        vec![
+            token_step(300),
+            Step::Status(503, None, secs(6)),
+            Step::Status(503, None, Duration::ZERO),
+        ],
+    );
+    settle().await;
+    let _ = h.store.lease(Duration::ZERO).await.unwrap();
+    // This lease's fetch hangs 6 s and fails; the lease gives up at 5 s.
+    let error = h.store.lease(Duration::ZERO).await.unwrap_err();
+    assert_eq!(error.reason, UnavailableReason::Timeout);
+    sleep(secs(2)).await;
+    assert_eq!(
+        h.store.readiness(Instant::now()),
+        Readiness::NotReady(NotReadyReason::PoolEmpty)
+    );
+    // Retried on the backoff, with nobody waiting, until one succeeds.
+    sleep(secs(5)).await;
+    settle().await;
+    assert_eq!(h.calls(), 4);
+    assert!(matches!(
+        h.store.readiness(Instant::now()),
+        Readiness::Ready(_)
+    ));
+    let (_, waited) = h.store.lease(Duration::ZERO).await.unwrap();
+    assert!(!waited, "the retry's token waits for the next lease");
+    h.stop().await;
+}
+
+/// Review finding: two profiles with the same keys can be sent the same
+/// token; one a shared profile served must never be leased by a
+/// single_use one (and the other way round), since the ledger is the
+/// process's, not the profile's.
+#[tokio::test(start_paused = true)]
+async fn a_token_a_shared_profile_served_is_never_leased_by_another_profile() {
+    let ledger = Arc::new(TokenLedger::default());
+    let policy = no_jitter();
+    let shared_store = TokenStore::new(policy.serve_margin, policy.min_interval, secs(5))
+        .with_ledger(Arc::clone(&ledger));
+    let same = Step::Token(secs(300), Duration::ZERO, Some("same-token"));
+    let shared = start_with(shared_store, policy.clone(), 0.0, same.clone(), vec![]);
+    settle().await;
+    assert_eq!(
+        shared.store.current().unwrap().value().expose(),
+        "same-token"
+    );
+    let pool_store = TokenStore::single_use(policy.serve_margin, policy.min_interval, secs(5), 1)
+        .with_ledger(Arc::clone(&ledger));
+    let pool = start_with(pool_store, policy, 0.0, same, vec![]);
+    let error = pool.store.lease(Duration::ZERO).await.unwrap_err();
+    assert_eq!(error.last_error, Some(Category::InvalidResponse));
+    pool.set_default(token_step(300));
+    let (leased, _) = pool.store.lease(Duration::ZERO).await.unwrap();
+    assert_ne!(leased.value().expose(), "same-token");
+    pool.stop().await;
+    shared.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -16,7 +16,8 @@ async fn a_rejection_within_min_interval_fetches_a_new_token_and_the_old_never_r
     assert!(reused && again.value() == first.value());
     // ...but named rejected, it is replaced at once, not after the 5 s.
     let asked = Instant::now();
-    let (fresh, rejection) = h.store.replace_rejected(first.digest()).await.unwrap();
+    let (rejection, fresh) = h.store.replace_rejected(first.digest()).await;
+    let fresh = fresh.unwrap();
     assert_eq!(asked.elapsed(), Duration::ZERO);
     assert_eq!(rejection, Rejection::Marked);
     assert_ne!(fresh.value(), first.value());
@@ -51,7 +52,8 @@ async fn concurrent_rejections_of_one_token_cause_one_fetch() {
         .collect();
     let mut marked = 0;
     for r in rejections {
-        let (token, rejection) = r.await.unwrap().unwrap();
+        let (rejection, token) = r.await.unwrap();
+        let token = token.unwrap();
         assert_eq!(token.value().expose(), "token-1");
         marked += usize::from(rejection == Rejection::Marked);
     }
@@ -65,7 +67,7 @@ async fn a_stale_or_unknown_rejection_returns_the_current_token_and_fetches_noth
     let h = start(RefreshPolicy::default(), 0.0, token_step(300), vec![]);
     settle().await;
     let first = h.store.current().unwrap();
-    let (second, _) = h.store.replace_rejected(first.digest()).await.unwrap();
+    let second = h.store.replace_rejected(first.digest()).await.1.unwrap();
     sleep(secs(10)).await;
     let calls = h.calls();
     for digest in [
@@ -73,7 +75,8 @@ async fn a_stale_or_unknown_rejection_returns_the_current_token_and_fetches_noth
         Secret::new("never-issued").digest(),
         Secret::new("").digest(),
     ] {
-        let (token, rejection) = h.store.replace_rejected(&digest).await.unwrap();
+        let (rejection, token) = h.store.replace_rejected(&digest).await;
+        let token = token.unwrap();
         assert_eq!(rejection, Rejection::NotCurrent);
         assert_eq!(token.value(), second.value());
     }
@@ -125,9 +128,9 @@ async fn a_rejection_during_a_fetch_in_flight_joins_it() {
     // The scheduled refresh (at 240 s) is in flight for 3 s.
     sleep(secs(241)).await;
     assert!(h.store.state().fetching);
-    let (fresh, rejection) = h.store.replace_rejected(first.digest()).await.unwrap();
+    let (rejection, fresh) = h.store.replace_rejected(first.digest()).await;
     assert_eq!(rejection, Rejection::Marked);
-    assert_eq!(fresh.value().expose(), "token-1");
+    assert_eq!(fresh.unwrap().value().expose(), "token-1");
     assert_eq!(h.calls(), 2);
     h.stop().await;
 }
@@ -145,7 +148,13 @@ async fn klavi_sending_the_rejected_token_back_is_a_failure_that_backs_off() {
     );
     settle().await;
     let first = h.store.current().unwrap();
-    let error = h.store.replace_rejected(first.digest()).await.unwrap_err();
+    let (rejection, result) = h.store.replace_rejected(first.digest()).await;
+    assert_eq!(
+        rejection,
+        Rejection::Marked,
+        "marked even though no replacement came"
+    );
+    let error = result.unwrap_err();
     assert_eq!(error.last_error, Some(Category::InvalidResponse));
     assert!(h.store.servable(Instant::now()).is_none());
     // The replacement is asked at once; every retry after it backs off.
@@ -196,5 +205,39 @@ async fn rejecting_every_token_at_once_stays_within_the_budget() {
         times.len()
     );
     assert!(answered >= 45, "{answered}");
+    h.stop().await;
+}
+
+/// Review finding: a token reported after it was replaced was forgotten,
+/// and served again when Klavi later sent it back. A token this profile
+/// held is remembered rejected even when it is no longer current (no
+/// fetch for it); a digest never held is not remembered.
+#[tokio::test(start_paused = true)]
+async fn a_late_report_of_a_replaced_token_still_keeps_it_from_coming_back() {
+    let h = start(
+        RefreshPolicy::default(),
+        0.0,
+        token_step(300),
+        vec![token_step(300), token_step(300)],
+    );
+    settle().await;
+    let first = h.store.current().unwrap();
+    sleep(secs(6)).await;
+    let (second, _) = h.store.force_refresh().await.unwrap();
+    assert_ne!(second.value(), first.value());
+    let calls = h.calls();
+    assert_eq!(h.store.reject(first.digest()), Rejection::NotCurrent);
+    settle().await;
+    assert_eq!(h.calls(), calls, "nothing fetched for a stale report");
+    assert!(h.store.is_rejected(&first));
+    assert!(!h.store.is_rejected(&second));
+    // Klavi sends the old one back: refused, never served.
+    h.set_default(Step::Token(secs(300), Duration::ZERO, Some("token-0")));
+    sleep(secs(6)).await;
+    let (rejection, result) = h.store.replace_rejected(second.digest()).await;
+    assert_eq!(rejection, Rejection::Marked);
+    let error = result.unwrap_err();
+    assert_eq!(error.last_error, Some(Category::InvalidResponse));
+    assert!(h.store.servable(Instant::now()).is_none());
     h.stop().await;
 }

@@ -85,6 +85,11 @@ fn unavailable_message(u: &Unavailable, forced: bool) -> String {
             "the auth budget (refresh.max_auth_per_minute) allows no request to Klavi before \
              refresh.wait_ms runs out"
         }
+        (UnavailableReason::TakenByEarlierLeases, _) => {
+            "every token fetched while this lease waited went to leases that asked earlier \
+             (one auth request at a time, first come first served; a larger pool_size absorbs \
+             bursts)"
+        }
         (UnavailableReason::Timeout, None) => {
             "the request to Klavi did not finish within refresh.wait_ms"
         }

@@ -21,6 +21,18 @@ use crate::secret::Secret;
 /// The largest `{"rejectedToken": …}` body read (SPEC §4.2).
 const REJECTED_BODY_LIMIT: usize = 16 * 1024;
 
+/// Says whether a reported token was the current one (`replaced`) or not
+/// (`not_current`: already replaced, or not a token this profile holds,
+/// say a typo), so a client can tell its report from a no-op.
+const REJECTION_HEADER: http::HeaderName = http::HeaderName::from_static("klavi-sidecar-rejection");
+
+fn rejection_header(rejection: Rejection) -> http::HeaderValue {
+    http::HeaderValue::from_static(match rejection {
+        Rejection::Marked => "replaced",
+        Rejection::NotCurrent => "not_current",
+    })
+}
+
 /// The endpoint of the default profile, or 404 `unknown_profile`.
 fn default_endpoint(state: &AppState) -> Result<Arc<Endpoint>, ApiError> {
     state
@@ -116,13 +128,37 @@ fn rejected_token(body: &[u8]) -> Result<Option<Secret>, ApiError> {
     };
     match fields.get("rejectedToken") {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(token)) if !token.is_empty() => {
-            Ok(Some(Secret::new(token.as_str())))
+        Some(serde_json::Value::String(token)) => {
+            // As an app may copy it from its Authorization header.
+            let token = token.trim();
+            let token = match token.get(..7) {
+                Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => token[7..].trim_start(),
+                _ => token,
+            };
+            if token.is_empty() {
+                return Err(ApiError::InvalidBody(
+                    "rejectedToken must be a non-empty string",
+                ));
+            }
+            Ok(Some(Secret::new(token)))
         }
         Some(_) => Err(ApiError::InvalidBody(
             "rejectedToken must be a non-empty string",
         )),
     }
+}
+
+/// The request's body, up to 16 KiB (413 beyond; 400 if it breaks off).
+async fn read_body(request: Request) -> Result<axum::body::Bytes, Response> {
+    axum::body::to_bytes(request.into_body(), REJECTED_BODY_LIMIT)
+        .await
+        .map_err(|error| {
+            if is_length_limit(&error) {
+                ApiError::PayloadTooLarge.into_response()
+            } else {
+                ApiError::InvalidBody("the body could not be read").into_response()
+            }
+        })
 }
 
 /// Whether a body error is the length limit (413) rather than a broken
@@ -206,10 +242,9 @@ async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
         return refused;
     }
     let plain_text = wants_plain_text(request.headers());
-    let body = match axum::body::to_bytes(request.into_body(), REJECTED_BODY_LIMIT).await {
+    let body = match read_body(request).await {
         Ok(body) => body,
-        Err(error) if is_length_limit(&error) => return ApiError::PayloadTooLarge.into_response(),
-        Err(_) => return ApiError::InvalidBody("the body could not be read").into_response(),
+        Err(response) => return response,
     };
     let rejected = match rejected_token(&body) {
         Ok(rejected) => rejected,
@@ -217,23 +252,24 @@ async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
     };
     let metrics = endpoint.profile.metrics();
     let store = endpoint.profile.store();
-    let result = match rejected {
+    let (result, rejection) = match rejected {
         Some(token) => {
             let digest = token.digest();
             drop(token);
-            let result = store.replace_rejected(&digest).await;
-            if let Ok((_, Rejection::Marked)) = &result {
+            let (rejection, result) = store.replace_rejected(&digest).await;
+            let current = rejection == Rejection::Marked;
+            if current {
                 metrics.rejected();
             }
             tracing::info!(
                 profile = endpoint.profile.name(),
                 fingerprint = digest.fingerprint(),
-                current = matches!(&result, Ok((_, Rejection::Marked))),
+                current,
                 "token reported rejected"
             );
-            result.map(|(served, rejection)| (served, rejection == Rejection::NotCurrent))
+            (result.map(|served| (served, !current)), Some(rejection))
         }
-        None => store.force_refresh().await,
+        None => (store.force_refresh().await, None),
     };
     match result {
         Ok((served, reused)) => {
@@ -242,20 +278,32 @@ async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
             } else {
                 ForcedOutcome::Fetched
             });
-            endpoint
+            let mut response = endpoint
                 .bodies
                 .get(&served.token)
-                .response(served.at, plain_text)
+                .response(served.at, plain_text);
+            if let Some(rejection) = rejection {
+                response
+                    .headers_mut()
+                    .insert(REJECTION_HEADER, rejection_header(rejection));
+            }
+            response
         }
         Err(unavailable) => {
             metrics.forced(ForcedOutcome::Failed);
             // Held back by the auth budget, Klavi was never asked: that is
             // no upstream error (502) but a token unavailable (SPEC §5.10).
-            if unavailable.last_error == Some(Category::LocalRateLimit) {
+            let mut response = if unavailable.last_error == Some(Category::LocalRateLimit) {
                 ApiError::TokenUnavailable(unavailable).into_response()
             } else {
                 ApiError::UpstreamError(unavailable).into_response()
+            };
+            if let Some(rejection) = rejection {
+                response
+                    .headers_mut()
+                    .insert(REJECTION_HEADER, rejection_header(rejection));
             }
+            response
         }
     }
 }
@@ -273,6 +321,11 @@ async fn lease_token(endpoint: &Endpoint, request: Request) -> Response {
         Err(error) => return error.into_response(),
     };
     let plain_text = wants_plain_text(request.headers());
+    // Read (and ignore) any body before a token is taken: one too large
+    // is refused without using a token, and the connection stays usable.
+    if let Err(response) = read_body(request).await {
+        return response;
+    }
     let metrics = endpoint.profile.metrics();
     match store.lease(min).await {
         Ok((served, waited)) => {
@@ -318,6 +371,18 @@ mod tests {
             (r#"{"rejectedToken": null}"#, Ok(None)),
             (r#"{"rejectedToken": "eyJ.a.b"}"#, Ok(Some("eyJ.a.b"))),
             (r#"{"rejectedToken": "t", "other": 1}"#, Ok(Some("t"))),
+            (r#"{"rejectedToken": " t\n"}"#, Ok(Some("t"))),
+            (
+                r#"{"rejectedToken": "Bearer eyJ.a.b"}"#,
+                Ok(Some("eyJ.a.b")),
+            ),
+            (r#"{"rejectedToken": "bearer  t"}"#, Ok(Some("t"))),
+            (r#"{"rejectedToken": "Bearer"}"#, Ok(Some("Bearer"))),
+            (r#"{"rejectedToken": "Bearer "}"#, Ok(Some("Bearer"))),
+            (
+                r#"{"rejectedToken": "  "}"#,
+                invalid("rejectedToken must be a non-empty string"),
+            ),
             (
                 r#"{"rejectedToken": ""}"#,
                 invalid("rejectedToken must be a non-empty string"),
