@@ -77,6 +77,24 @@ impl Default for FakeKlaviConfig {
     }
 }
 
+impl FakeKlaviConfig {
+    /// The demo keys, tokens living `secs`.
+    pub fn lasting(secs: u64) -> Self {
+        Self {
+            token_ttl: Duration::from_secs(secs),
+            ..Self::default()
+        }
+    }
+
+    /// Each token good for one API call.
+    pub fn single_use(self) -> Self {
+        Self {
+            single_use: true,
+            ..self
+        }
+    }
+}
+
 /// What the fake remembers of a token it issued.
 #[derive(Debug, Clone, Copy)]
 struct Issued {

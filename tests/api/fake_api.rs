@@ -40,12 +40,9 @@ async fn call(
 
 #[tokio::test]
 async fn api_paths_echo_for_a_valid_token_and_answer_401_otherwise() {
-    let fake = FakeKlavi::start_local(FakeKlaviConfig {
-        token_ttl: Duration::from_secs(300),
-        ..FakeKlaviConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = FakeKlavi::start_local(FakeKlaviConfig::lasting(300))
+        .await
+        .unwrap();
     let http = client();
     let token = issue(&fake, &http).await;
     let (status, body) = call(&fake, &http, Some(&token)).await;
@@ -83,13 +80,9 @@ async fn api_paths_echo_for_a_valid_token_and_answer_401_otherwise() {
 
 #[tokio::test]
 async fn in_single_use_mode_a_token_is_good_for_one_call() {
-    let fake = FakeKlavi::start_local(FakeKlaviConfig {
-        token_ttl: Duration::from_secs(300),
-        single_use: true,
-        ..FakeKlaviConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = FakeKlavi::start_local(FakeKlaviConfig::lasting(300).single_use())
+        .await
+        .unwrap();
     let http = client();
     let (a, b) = (issue(&fake, &http).await, issue(&fake, &http).await);
     assert_eq!(call(&fake, &http, Some(&a)).await.0, 200);

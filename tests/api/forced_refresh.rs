@@ -124,15 +124,7 @@ async fn a_rejection_whose_replacement_fails_is_counted_and_the_token_stays_gone
         app.get_token("").await.status(),
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let metrics = app
-        .http
-        .get(app.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics.contains("klavi_sidecar_rejected_tokens_total{profile=\"default\"} 1"),
         "{metrics}"

@@ -132,6 +132,16 @@ impl TestApp {
             .unwrap()
     }
 
+    pub async fn metrics_text(&self) -> String {
+        let response = self
+            .http
+            .get(self.ops_url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     pub async fn readyz(&self) -> (u16, serde_json::Value) {
         let response = self.http.get(self.ops_url("/readyz")).send().await.unwrap();
         let status = response.status().as_u16();

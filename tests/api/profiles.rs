@@ -245,15 +245,7 @@ async fn metrics_say_which_profile() {
         get(&app, "/token").await;
     }
     get(&app, "/profiles/nope/token").await;
-    let text = app
-        .http
-        .get(app.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let value = |series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))

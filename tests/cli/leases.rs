@@ -125,12 +125,9 @@ fn rejected(token: &str) -> Option<String> {
 /// comes back, from any route, however often asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_token_is_replaced_at_once_and_never_served_again() {
-    let fake = FakeKlavi::start_local(FakeKlaviConfig {
-        token_ttl: Duration::from_secs(300),
-        ..FakeKlaviConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = FakeKlavi::start_local(FakeKlaviConfig::lasting(300))
+        .await
+        .unwrap();
     let app = Sidecar::start(&fake, &[]).await;
     let first = app.token().await;
     assert!(fake.revoke(&first));
@@ -197,12 +194,9 @@ async fn a_rejected_token_is_replaced_at_once_and_never_served_again() {
 /// waits for the replacement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_rejections_cause_one_fetch() {
-    let fake = FakeKlavi::start_local(FakeKlaviConfig {
-        token_ttl: Duration::from_secs(300),
-        ..FakeKlaviConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = FakeKlavi::start_local(FakeKlaviConfig::lasting(300))
+        .await
+        .unwrap();
     let app = Arc::new(Sidecar::start(&fake, &[]).await);
     let first = app.token().await;
     fake.set_default(Outcome::token().after(Duration::from_millis(800)));
@@ -245,20 +239,12 @@ async fn fifty_concurrent_rejections_cause_one_fetch() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_concurrent_leases_get_five_hundred_distinct_tokens() {
-    let fake = FakeKlavi::start_local(FakeKlaviConfig {
-        token_ttl: Duration::from_secs(300),
-        single_use: true,
-        ..FakeKlaviConfig::default()
-    })
-    .await
-    .unwrap();
-    let pay_fake = FakeKlavi::start_local(FakeKlaviConfig {
-        token_ttl: Duration::from_secs(300),
-        single_use: true,
-        ..FakeKlaviConfig::default()
-    })
-    .await
-    .unwrap();
+    let fake = FakeKlavi::start_local(FakeKlaviConfig::lasting(300).single_use())
+        .await
+        .unwrap();
+    let pay_fake = FakeKlavi::start_local(FakeKlaviConfig::lasting(300).single_use())
+        .await
+        .unwrap();
     let pay_url = pay_fake.base_url();
     let app = Arc::new(
         Sidecar::start(
