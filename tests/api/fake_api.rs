@@ -9,16 +9,25 @@ use klavi_token_sidecar::fake_klavi::{
 
 use crate::helpers::client;
 
-async fn issue(fake: &FakeKlavi, http: &reqwest::Client) -> String {
-    let body: serde_json::Value = http
-        .post(format!("{}{AUTH_PATH}", fake.base_url()))
-        .json(&serde_json::json!({"accessKey": "demo-access-key", "secretKey": "demo-secret-key"}))
+/// POSTs `body` to the fake's `path`; the JSON answer.
+async fn post(
+    fake: &FakeKlavi,
+    http: &reqwest::Client,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let response = http
+        .post(format!("{}{path}", fake.base_url()))
+        .json(&body)
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    response.json().await.unwrap()
+}
+
+async fn issue(fake: &FakeKlavi, http: &reqwest::Client) -> String {
+    let keys = serde_json::json!({"accessKey": "demo-access-key", "secretKey": "demo-secret-key"});
+    let body = post(fake, http, AUTH_PATH, keys).await;
     body["accessToken"].as_str().unwrap().to_string()
 }
 
@@ -60,15 +69,13 @@ async fn api_paths_echo_for_a_valid_token_and_answer_401_otherwise() {
         assert_eq!(body["error"], "invalid_token");
     }
     // Revoked over HTTP, as a script would.
-    let revoked: serde_json::Value = http
-        .post(format!("{}{REVOKE_PATH}", fake.base_url()))
-        .json(&serde_json::json!({"accessToken": token}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let revoked = post(
+        &fake,
+        &http,
+        REVOKE_PATH,
+        serde_json::json!({"accessToken": token}),
+    )
+    .await;
     assert_eq!(revoked["revoked"], 1);
     let (status, body) = call(&fake, &http, Some(&token)).await;
     assert_eq!((status, body["reason"].as_str()), (401, Some("revoked")));
