@@ -106,6 +106,16 @@ impl Application {
                 store,
             });
         }
+        // A token rejected on one profile is dropped by every other that
+        // holds it.
+        for parts in &profiles {
+            let others = profiles
+                .iter()
+                .filter(|other| !Arc::ptr_eq(&other.store, &parts.store))
+                .map(|other| Arc::downgrade(&other.store))
+                .collect();
+            parts.store.know_others(others);
+        }
         Ok(Self {
             config,
             token_listener,

@@ -89,6 +89,8 @@ pub struct Pool {
     seen: ExpiringDigests,
     /// Expiry of the last token deposited: what a fetch now would bring.
     latest_expiry: Option<Instant>,
+    /// The last token deposited could be leased (servable on arrival).
+    proven: bool,
     next_id: u64,
 }
 
@@ -103,6 +105,7 @@ impl Pool {
             waiters: VecDeque::new(),
             seen: ExpiringDigests::default(),
             latest_expiry: None,
+            proven: false,
             next_id: 0,
         }
     }
@@ -177,6 +180,7 @@ impl Pool {
         }
         self.seen.insert(*token.digest(), token.expires_at(), now);
         self.latest_expiry = Some(token.expires_at());
+        self.proven = token.is_servable(now, self.margin);
         self.give(pooled, now, true);
         Ok(())
     }
@@ -222,8 +226,8 @@ impl Pool {
 
     /// When the next fetch is wanted: now while leases wait or fewer than
     /// `size` fresh tokens are held, else when the first fresh one goes
-    /// stale; `None` when nothing is wanted (`size` 0 and no lease
-    /// waiting).
+    /// stale; with `size` 0 and no lease waiting, now until a token that
+    /// could be leased has come, then `None`.
     pub fn due(&self, now: Instant) -> Option<Instant> {
         if self.waiters.iter().any(|w| !w.reply.is_closed()) {
             return Some(now);
@@ -235,7 +239,9 @@ impl Pool {
             .map(|p| p.fresh_until)
             .collect();
         if self.size == 0 {
-            return None;
+            // Nothing ahead, but one token that could be leased, so that
+            // readiness says whether Klavi gives usable ones.
+            return (!self.proven).then_some(now);
         }
         if fresh.len() < self.size {
             return Some(now);
@@ -243,6 +249,11 @@ impl Pool {
         // When one more goes stale than the pool may spare.
         fresh.sort_unstable();
         fresh.get(fresh.len() - self.size).copied()
+    }
+
+    /// Whether the last token deposited could be leased.
+    pub fn proven(&self) -> bool {
+        self.proven
     }
 
     /// Tokens a lease could take now.

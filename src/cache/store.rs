@@ -8,7 +8,7 @@
 //! Only the refresh task calls Klavi, so at most one request is ever in
 //! flight and every waiter shares its result.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -258,6 +258,10 @@ pub struct TokenStore {
     ledger: Arc<TokenLedger>,
     /// single_use profiles: the lease pool (then `current` stays empty).
     pool: Option<Mutex<Pool>>,
+    /// The other profiles' stores: a token rejected here is dropped there
+    /// too if they hold it (profiles of one key pair may be sent the same
+    /// token), so no route of any profile serves it again.
+    others: OnceLock<Vec<Weak<TokenStore>>>,
     state: watch::Sender<RefreshState>,
     demand: Mutex<Demand>,
     demand_signal: Notify,
@@ -273,6 +277,7 @@ impl TokenStore {
             current: ArcSwapOption::empty(),
             ledger: Arc::new(TokenLedger::default()),
             pool: None,
+            others: OnceLock::new(),
             state: watch::Sender::new(RefreshState::default()),
             demand: Mutex::new(Demand::default()),
             demand_signal: Notify::new(),
@@ -373,22 +378,61 @@ impl TokenStore {
     /// rejected too, with no fetch. Compared in constant time; only the
     /// digest is kept.
     pub fn reject(&self, rejected: &TokenDigest) -> Rejection {
-        {
+        let (rejection, dropped) = {
             let now = Instant::now();
             let mut ledger = self.ledger.lock();
-            match self.current.load_full() {
+            let rejection = match self.current.load_full() {
                 Some(token) if token.digest() == rejected => {
                     ledger.reject(*rejected, token.expires_at(), now);
                     self.current.store(None);
+                    Rejection::Marked
                 }
                 _ => {
-                    ledger.reject_if_held(rejected, now);
-                    return Rejection::NotCurrent;
+                    if !ledger.reject_if_held(rejected, now) {
+                        return Rejection::NotCurrent;
+                    }
+                    Rejection::NotCurrent
                 }
-            }
+            };
+            // Under the same lock, so no other profile stores it meanwhile.
+            let dropped: Vec<Arc<TokenStore>> = self
+                .others
+                .get()
+                .into_iter()
+                .flatten()
+                .filter_map(Weak::upgrade)
+                .filter(|other| other.drop_if_current(rejected))
+                .collect();
+            (rejection, dropped)
+        };
+        if rejection == Rejection::Marked {
+            self.add_demand(|d| d.replacement = true);
         }
-        self.add_demand(|d| d.replacement = true);
-        Rejection::Marked
+        for other in dropped {
+            other.add_demand(|d| d.replacement = true);
+        }
+        rejection
+    }
+
+    /// Drops the current token if it is `rejected` (the caller holds the
+    /// ledger's lock); whether it did.
+    fn drop_if_current(&self, rejected: &TokenDigest) -> bool {
+        let holds = self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|token| token.digest() == rejected);
+        if holds {
+            self.current.store(None);
+        }
+        holds
+    }
+
+    /// Tells this store about the other profiles' stores, so that a token
+    /// rejected here is dropped wherever it is held (the app does this
+    /// once, after building every store).
+    pub fn know_others(&self, others: Vec<Weak<TokenStore>>) {
+        let _ = self.others.set(others);
     }
 
     /// The token named rejected is gone and its replacement not yet here.
@@ -430,10 +474,10 @@ impl TokenStore {
         if let Some(pool) = &self.pool {
             let pool = lock(pool);
             let ready = pool.ready(now);
-            // A pool of size 0 fetches per lease: ready once an attempt
-            // has succeeded and while the last one did not fail.
-            let state = self.state.borrow();
-            let working = state.successes > 0 && state.last_error.is_none();
+            // A pool of size 0 fetches per lease: ready once a fetch has
+            // brought a token that could be leased, while the last attempt
+            // did not fail.
+            let working = pool.proven() && self.state.borrow().last_error.is_none();
             return if ready > 0 || (pool.size() == 0 && working) {
                 Readiness::Ready(None)
             } else {

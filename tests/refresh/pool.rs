@@ -283,3 +283,33 @@ async fn a_token_arriving_after_its_lease_gave_up_goes_to_the_next_lease() {
     assert_eq!(name(&served), "token-0");
     h.stop().await;
 }
+
+/// Second review finding: with `pool_size = 0`, a start-up fetch that
+/// brought a token already too short to lease made the profile ready,
+/// and every lease failed. Ready needs a token that could be leased; until
+/// one comes the profile keeps trying, on the degenerate backoff.
+#[tokio::test(start_paused = true)]
+async fn pool_size_zero_is_not_ready_on_tokens_too_short_to_lease() {
+    // 3 s tokens against a 5 s margin.
+    let h = start_pool(0, no_jitter(), token_step(3), vec![]);
+    sleep(secs(10)).await;
+    assert_eq!(
+        h.store.readiness(Instant::now()),
+        Readiness::NotReady(NotReadyReason::PoolEmpty)
+    );
+    let calls = h.calls();
+    // Each one a degenerate success: at most one per backoff floor.
+    assert!((2..=21).contains(&calls), "{calls} attempts in 10 s");
+    assert!(
+        h.call_gaps()
+            .iter()
+            .all(|g| *g >= Duration::from_millis(500))
+    );
+    h.set_default(token_step(300));
+    sleep(secs(30)).await;
+    assert!(matches!(
+        h.store.readiness(Instant::now()),
+        Readiness::Ready(_)
+    ));
+    h.stop().await;
+}

@@ -241,3 +241,44 @@ async fn a_late_report_of_a_replaced_token_still_keeps_it_from_coming_back() {
     assert!(h.store.servable(Instant::now()).is_none());
     h.stop().await;
 }
+
+/// Second review finding: profiles of one key pair can be sent the same
+/// token; rejected on one, it was still served by the other. It is
+/// dropped wherever it is held, and each profile fetches its own
+/// replacement.
+#[tokio::test(start_paused = true)]
+async fn a_token_rejected_on_one_profile_is_dropped_by_another_holding_it() {
+    let ledger = Arc::new(klavi_token_sidecar::cache::digests::TokenLedger::default());
+    let policy = RefreshPolicy::default();
+    let store = || {
+        TokenStore::new(policy.serve_margin, policy.min_interval, secs(5))
+            .with_ledger(Arc::clone(&ledger))
+    };
+    let same = Step::Token(secs(300), Duration::ZERO, Some("same"));
+    let a = start_with(
+        store(),
+        policy.clone(),
+        0.0,
+        token_step(300),
+        vec![same.clone()],
+    );
+    let b = start_with(store(), policy.clone(), 0.0, token_step(300), vec![same]);
+    a.store.know_others(vec![Arc::downgrade(&b.store)]);
+    b.store.know_others(vec![Arc::downgrade(&a.store)]);
+    settle().await;
+    let held = b.store.current().unwrap();
+    assert_eq!(held.value().expose(), "same");
+    let (rejection, fresh) = a.store.replace_rejected(held.digest()).await;
+    assert_eq!(rejection, Rejection::Marked);
+    assert_ne!(fresh.unwrap().value().expose(), "same");
+    assert!(
+        b.store
+            .servable(Instant::now())
+            .is_none_or(|t| t.value().expose() != "same")
+    );
+    let other = b.store.token_with(Duration::ZERO).await.unwrap();
+    assert_ne!(other.value().expose(), "same");
+    assert_eq!(b.calls(), 2, "b fetched its own replacement at once");
+    a.stop().await;
+    b.stop().await;
+}

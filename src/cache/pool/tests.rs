@@ -173,13 +173,14 @@ fn when_the_next_fetch_is_due() {
     // (pool size, tokens as (fetched s ago, lifetime), now offset, due)
     type Case = (usize, Vec<(u64, u64)>, Option<u64>);
     let cases: Vec<Case> = vec![
-        (0, vec![], None),                      // nothing wanted
+        (0, vec![], Some(0)),                   // size 0: one, to prove Klavi works
         (2, vec![], Some(0)),                   // empty: now
         (2, vec![(0, 60)], Some(0)),            // one short
         (2, vec![(0, 60), (0, 100)], Some(30)), // full: when the first goes stale
         (1, vec![(40, 60)], Some(0)),           // the only one is stale
         (1, vec![(40, 60), (0, 60)], Some(30)), // stale ones do not count
-        (0, vec![(0, 60)], None),               // size 0 keeps nothing ahead
+        (0, vec![(0, 60)], None),               // then nothing ahead
+        (0, vec![(58, 60)], Some(0)),           // the last one was too short to lease
     ];
     for (size, tokens, due) in cases {
         let now = t0 + secs(100);

@@ -228,7 +228,7 @@ impl ApiError {
             },
             Self::PayloadTooLarge => plain(
                 "payload_too_large",
-                "the request body is larger than server.max_body_bytes (the only body any route takes is POST /token/refresh's rejectedToken)",
+                "the request body is larger than server.max_body_bytes, or than 16 KiB on the refresh and lease routes (the only body any route reads is POST /token/refresh's rejectedToken)",
             ),
         }
     }

@@ -293,11 +293,15 @@ async fn refresh_token(endpoint: &Endpoint, request: Request) -> Response {
             metrics.forced(ForcedOutcome::Failed);
             // Held back by the auth budget, Klavi was never asked: that is
             // no upstream error (502) but a token unavailable (SPEC §5.10).
-            let mut response = if unavailable.last_error == Some(Category::LocalRateLimit) {
-                ApiError::TokenUnavailable(unavailable).into_response()
-            } else {
-                ApiError::UpstreamError(unavailable).into_response()
-            };
+            // Held back by the budget, or nothing fetched for this report
+            // (it named no current token): as GET /token would answer.
+            let nothing_fetched = rejection == Some(Rejection::NotCurrent);
+            let mut response =
+                if unavailable.last_error == Some(Category::LocalRateLimit) || nothing_fetched {
+                    ApiError::TokenUnavailable(unavailable).into_response()
+                } else {
+                    ApiError::UpstreamError(unavailable).into_response()
+                };
             if let Some(rejection) = rejection {
                 response
                     .headers_mut()
