@@ -80,8 +80,8 @@ impl Application {
             tracing::warn!(
                 profile = later,
                 same_keys_as = earlier,
-                "two shared profiles of one key pair fetch two tokens for one account and do not \
-                 see each other's rejected tokens; use one profile"
+                "two shared profiles of one key pair fetch two tokens for one account (twice the \
+                 auth requests); use one profile"
             );
         }
         let mut profiles = Vec::with_capacity(config.profiles.len());

@@ -173,8 +173,8 @@ impl Config {
 
     /// Pairs of shared profiles (later, earlier) of one key pair: same
     /// auth URL and same access key or key file. They fetch two tokens
-    /// for one account, double the auth traffic, and do not see each
-    /// other's rejected tokens, so the service warns of them. (A
+    /// for one account and double the auth traffic, so the service warns
+    /// of them. (A
     /// single_use profile beside a shared one of the same keys is fine:
     /// the token ledger keeps their tokens apart.)
     pub fn shared_key_pair_twins(&self) -> Vec<(&str, &str)> {

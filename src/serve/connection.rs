@@ -130,6 +130,22 @@ impl Connection {
         }
     }
 
+    /// Bytes came from the client. They are a request head arriving
+    /// (until the service sees the request), except:
+    /// - empty lines alone: a client may send CRLF between requests (RFC
+    ///   9112 §2.2), which hyper skips without a request ever reaching the
+    ///   service to clear the mark;
+    /// - bytes read while a request is in service: its body (a rejected
+    ///   token's report), which the handler is reading. Marked, they would
+    ///   make a keep-alive client that posted a body look like a slow head
+    ///   once it idled, and evictable.
+    fn bytes_read(&self, bytes: &[u8]) {
+        let in_service = self.busy.load(Ordering::Acquire) > 0;
+        if !in_service && bytes.iter().any(|byte| !matches!(byte, b'\r' | b'\n')) {
+            self.head_arrived();
+        }
+    }
+
     /// Bytes of a request head arrived (called by the connection's task).
     fn head_arrived(&self) {
         // Only this task moves the word away from NO_HEAD, so the load and
@@ -308,16 +324,8 @@ impl tokio::io::AsyncRead for Watched {
             Poll::Ready(Err(_)) => true,
         };
         self.connection.waiting.store(waiting, Ordering::Release);
-        // Bytes of a request: its head is arriving (until the service sees
-        // the request). Empty lines alone are not: a client may send CRLF
-        // between requests (RFC 9112 §2.2), which hyper skips without a
-        // request ever reaching the service to clear the mark.
-        if !waiting
-            && buf.filled()[before..]
-                .iter()
-                .any(|byte| !matches!(byte, b'\r' | b'\n'))
-        {
-            self.connection.head_arrived();
+        if !waiting {
+            self.connection.bytes_read(&buf.filled()[before..]);
         }
         result
     }
@@ -445,6 +453,39 @@ mod tests {
         let (client, watched) = pair().await;
         watched.connection.evicted.store(true, Ordering::Release);
         (client, watched)
+    }
+
+    /// What counts as a head arriving: request bytes, but not empty lines
+    /// between requests, and not a body read while its request is in
+    /// service (a keep-alive client that posted a body is no slow head).
+    #[test]
+    fn which_bytes_mark_a_head() {
+        let fresh = || {
+            let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+            Arc::new(Connection::new(Some(slot), Instant::now()))
+        };
+        // (bytes, request in service, marked)
+        let cases: [(&[u8], bool, bool); 6] = [
+            (b"GET /token HTTP/1.1\r\n", false, true),
+            (b"\r\n", false, false),
+            (b"\r\n\r\nG", false, true),
+            (b"{\"rejectedToken\":\"t\"}", true, false),
+            (b"GET /next", true, false),
+            (b"", false, false),
+        ];
+        for (bytes, in_service, marked) in cases {
+            let connection = fresh();
+            let busy = in_service.then(|| Busy::new(&connection));
+            connection.bytes_read(bytes);
+            let head = connection.head.load(Ordering::Acquire);
+            assert_eq!(
+                head != NO_HEAD,
+                marked,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+            drop(busy);
+        }
     }
 
     /// A head is timed from the first scan that sees it, and nothing of it
