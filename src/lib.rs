@@ -24,6 +24,9 @@
 //!   routes per profile, probes, the `GET /token` hot path that applies the
 //!   router's rules without the router), [`serve::server`] drives
 //!   connections with limits, an overflow lane and a bounded drain.
+//! - [`proxy`]: (being built, issue 12) forwarding apps' requests to
+//!   Klavi with the token added; so far the pure rules of which targets
+//!   and headers are forwarded.
 //! - [`ops`]: what operators see. Prometheus [`ops::metrics`] with a
 //!   `profile` label, the log subscriber, the `healthcheck` command, memory
 //!   release.
@@ -66,6 +69,7 @@ pub mod demo;
 pub mod fake_klavi;
 pub mod ops;
 pub mod profile;
+pub mod proxy;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;

@@ -38,7 +38,7 @@ use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
 pub use fast::token_fast_path;
-pub use guard::Guard;
+pub use guard::{Guard, REQUIRED_HEADER};
 
 use crate::cache::store::TokenStore;
 use crate::config::DEFAULT_PROFILE;
