@@ -131,8 +131,14 @@ fn rejected_token(body: &[u8]) -> Result<Option<Secret>, ApiError> {
         Some(serde_json::Value::String(token)) => {
             // As an app may copy it from its Authorization header.
             let token = token.trim();
-            let token = match token.get(..7) {
-                Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => token[7..].trim_start(),
+            let after_scheme = token.get(6..).and_then(|rest| rest.chars().next());
+            let token = match (token.get(..6), after_scheme) {
+                (Some(scheme), Some(space))
+                    if scheme.eq_ignore_ascii_case("bearer") && space.is_whitespace() =>
+                {
+                    // `get(..6)` succeeded: byte 6 is a character boundary.
+                    token[6..].trim_start()
+                }
                 _ => token,
             };
             if token.is_empty() {
@@ -381,6 +387,12 @@ mod tests {
                 Ok(Some("eyJ.a.b")),
             ),
             (r#"{"rejectedToken": "bearer  t"}"#, Ok(Some("t"))),
+            (r#"{"rejectedToken": "Bearer\tt"}"#, Ok(Some("t"))),
+            (r#"{"rejectedToken": "Bearert"}"#, Ok(Some("Bearert"))),
+            (r#"{"rejectedToken": "é"}"#, Ok(Some("é"))),
+            (r#"{"rejectedToken": "ébearer t"}"#, Ok(Some("ébearer t"))),
+            // Byte 6 inside a character: no panic, no scheme.
+            (r#"{"rejectedToken": "aéééé"}"#, Ok(Some("aéééé"))),
             (r#"{"rejectedToken": "Bearer"}"#, Ok(Some("Bearer"))),
             (r#"{"rejectedToken": "Bearer "}"#, Ok(Some("Bearer"))),
             (
