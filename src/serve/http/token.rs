@@ -130,14 +130,15 @@ fn rejected_token(body: &[u8]) -> Result<Option<Secret>, ApiError> {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(token)) => {
             // As an app may copy it from its Authorization header.
-            let token = token.trim();
+            // ASCII whitespace only: what openapi.yaml's pattern allows.
+            let token = token.trim_matches(|c: char| c.is_ascii_whitespace());
             let after_scheme = token.get(6..).and_then(|rest| rest.chars().next());
             let token = match (token.get(..6), after_scheme) {
                 (Some(scheme), Some(space))
-                    if scheme.eq_ignore_ascii_case("bearer") && space.is_whitespace() =>
+                    if scheme.eq_ignore_ascii_case("bearer") && space.is_ascii_whitespace() =>
                 {
                     // `get(..6)` succeeded: byte 6 is a character boundary.
-                    token[6..].trim_start()
+                    token[6..].trim_start_matches(|c: char| c.is_ascii_whitespace())
                 }
                 _ => token,
             };
@@ -393,6 +394,9 @@ mod tests {
             (r#"{"rejectedToken": "ébearer t"}"#, Ok(Some("ébearer t"))),
             // Byte 6 inside a character: no panic, no scheme.
             (r#"{"rejectedToken": "aéééé"}"#, Ok(Some("aéééé"))),
+            // Only ASCII whitespace is trimmed (openapi.yaml says so).
+            ("{\"rejectedToken\": \"\u{a0}\"}", Ok(Some("\u{a0}"))),
+            ("{\"rejectedToken\": \"\u{85}\"}", Ok(Some("\u{85}"))),
             (r#"{"rejectedToken": "Bearer"}"#, Ok(Some("Bearer"))),
             (r#"{"rejectedToken": "Bearer "}"#, Ok(Some("Bearer"))),
             (
