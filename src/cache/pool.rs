@@ -10,9 +10,10 @@
 //!
 //! A token is *fresh* until its refresh point (the policy's schedule for a
 //! shared token): the pool fetches until it holds `size` fresh ones, and
-//! stale ones stay leasable, first, until the serve margin. Every token
-//! ever pooled is remembered (its digest, until it expires), so one Klavi
-//! sends again is refused rather than handed out a second time.
+//! stale ones stay leasable, first, until the serve margin. A deposit asks
+//! the process's [`TokenLedger`](super::digests::TokenLedger) first, so a
+//! token this process held before, in any profile, is refused rather than
+//! handed out a second time.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::digests::ExpiringDigests;
+use super::digests::LedgerGuard;
 use super::token::Token;
 
 /// A pooled token and when it stops being fresh.
@@ -86,7 +87,6 @@ pub struct Pool {
     margin: Duration,
     ready: Vec<Pooled>,
     waiters: VecDeque<Waiter>,
-    seen: ExpiringDigests,
     /// Expiry of the last token deposited: what a fetch now would bring.
     latest_expiry: Option<Instant>,
     /// The last token deposited could be leased (servable on arrival).
@@ -103,7 +103,6 @@ impl Pool {
             margin,
             ready: Vec::new(),
             waiters: VecDeque::new(),
-            seen: ExpiringDigests::default(),
             latest_expiry: None,
             proven: false,
             next_id: 0,
@@ -159,12 +158,6 @@ impl Pool {
         Lease::Queued(id)
     }
 
-    /// Whether `token` was pooled or handed out before (and has not
-    /// expired).
-    pub fn has_seen(&self, token: &Token, now: Instant) -> bool {
-        self.seen.contains(token.digest(), now)
-    }
-
     /// Leaves the queue (the lease gave up or went away).
     pub fn cancel(&mut self, id: u64) {
         self.waiters.retain(|w| w.id != id);
@@ -172,13 +165,19 @@ impl Pool {
 
     /// A token just fetched: to the first waiter it satisfies, else into
     /// the pool. Waiters it falls short of are told so, since a fresh
-    /// token is the best Klavi gives now. A token seen before is refused.
-    pub fn deposit(&mut self, pooled: Pooled, now: Instant) -> Result<(), Duplicate> {
+    /// token is the best Klavi gives now. A token `ledger` says this
+    /// process held before is refused, and one taken is recorded there.
+    pub fn deposit(
+        &mut self,
+        pooled: Pooled,
+        ledger: &mut LedgerGuard<'_>,
+        now: Instant,
+    ) -> Result<(), Duplicate> {
         let token = &pooled.token;
-        if self.seen.contains(token.digest(), now) {
+        if ledger.refuses_single_use(token, now).is_some() {
             return Err(Duplicate);
         }
-        self.seen.insert(*token.digest(), token.expires_at(), now);
+        ledger.hold_single_use(token, now);
         self.latest_expiry = Some(token.expires_at());
         self.proven = token.is_servable(now, self.margin);
         self.give(pooled, now, true);

@@ -180,12 +180,12 @@ impl<S: TokenSource> Refresher<S> {
             // A single_use profile fetches when its pool wants a token
             // (leases waiting, too few fresh ones), after any backoff.
             if let Some(due) = self.store.pool_due(now) {
-                // Until an attempt succeeds, and after one fails, it also
-                // tries on its backoff with no lease waiting, so readiness
-                // says whether its keys and Klavi work: a `pool_size = 0`
-                // profile would otherwise wait for a lease, which an
-                // unready pod never gets.
-                let probe = (state.successes == 0 || state.last_error.is_some()).then_some(now);
+                // After a failure it also tries on its backoff with no
+                // lease waiting (the pool asks for the first token itself),
+                // so readiness says whether its keys and Klavi work: a
+                // `pool_size = 0` profile would otherwise wait for a lease,
+                // which an unready pod never gets.
+                let probe = state.last_error.is_some().then_some(now);
                 let due = due.into_iter().chain(probe).min().unwrap_or(now + IDLE);
                 scheduled = progress.backoff_until.map_or(due, |at| due.max(at));
             }

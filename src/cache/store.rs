@@ -387,12 +387,10 @@ impl TokenStore {
                     self.current.store(None);
                     Rejection::Marked
                 }
-                _ => {
-                    if !ledger.reject_if_held(rejected, now) {
-                        return Rejection::NotCurrent;
-                    }
-                    Rejection::NotCurrent
-                }
+                // Not current, but held before: remembered, and dropped
+                // wherever another profile holds it.
+                _ if ledger.reject_if_held(rejected, now) => Rejection::NotCurrent,
+                _ => return Rejection::NotCurrent,
             };
             // Under the same lock, so no other profile stores it meanwhile.
             let dropped: Vec<Arc<TokenStore>> = self
@@ -447,15 +445,10 @@ impl TokenStore {
         let Some(pool) = &self.pool else {
             return Err(Duplicate);
         };
-        let now = Instant::now();
-        {
-            let mut ledger = self.ledger.lock();
-            if ledger.refuses_single_use(&pooled.token, now).is_some() {
-                return Err(Duplicate);
-            }
-            ledger.hold_single_use(&pooled.token, now);
-        }
-        lock(pool).deposit(pooled, now)
+        // The ledger's lock, then the pool's: the one order either is
+        // taken in together.
+        let mut ledger = self.ledger.lock();
+        lock(pool).deposit(pooled, &mut ledger, Instant::now())
     }
 
     /// For a single_use profile's refresh task: when the next fetch is

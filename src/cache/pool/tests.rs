@@ -1,4 +1,5 @@
 use super::*;
+use crate::cache::digests::TokenLedger;
 use crate::secret::Secret;
 use std::collections::HashSet;
 use std::time::UNIX_EPOCH;
@@ -41,9 +42,11 @@ fn lease_now(pool: &mut Pool, now: Instant, wanted: u64) -> Option<String> {
 #[test]
 fn a_lease_takes_the_pooled_token_that_expires_first_among_those_with_enough_left() {
     let t0 = Instant::now();
+    let ledger = TokenLedger::default();
     let mut pool = Pool::new(3, MARGIN);
     for (n, life) in [("long", 300), ("short", 20), ("mid", 100)] {
-        pool.deposit(pooled(n, t0, life), t0).unwrap();
+        pool.deposit(pooled(n, t0, life), &mut ledger.lock(), t0)
+            .unwrap();
     }
     assert_eq!(pool.ready(t0), 3);
     assert_eq!(lease_now(&mut pool, t0, 50).as_deref(), Some("mid"));
@@ -55,8 +58,10 @@ fn a_lease_takes_the_pooled_token_that_expires_first_among_those_with_enough_lef
 #[test]
 fn tokens_past_the_serve_margin_are_dropped_never_leased() {
     let t0 = Instant::now();
+    let ledger = TokenLedger::default();
     let mut pool = Pool::new(1, MARGIN);
-    pool.deposit(pooled("a", t0, 30), t0).unwrap();
+    pool.deposit(pooled("a", t0, 30), &mut ledger.lock(), t0)
+        .unwrap();
     // 25 s in, exactly the margin is left: still leasable.
     assert_eq!(pool.ready(t0 + secs(25)), 1);
     assert_eq!(pool.ready(t0 + secs(25) + Duration::from_millis(1)), 0);
@@ -66,13 +71,15 @@ fn tokens_past_the_serve_margin_are_dropped_never_leased() {
     );
     // A token already past the margin on arrival is not pooled either.
     let t1 = t0 + secs(100);
-    pool.deposit(pooled("b", t1 - secs(28), 30), t1).unwrap();
+    pool.deposit(pooled("b", t1 - secs(28), 30), &mut ledger.lock(), t1)
+        .unwrap();
     assert_eq!(pool.ready(t1), 0);
 }
 
 #[test]
 fn waiters_are_served_first_come_first_served_each_with_a_different_token() {
     let t0 = Instant::now();
+    let ledger = TokenLedger::default();
     let mut pool = Pool::new(0, MARGIN);
     let mut receivers = Vec::new();
     for _ in 0..3 {
@@ -86,7 +93,8 @@ fn waiters_are_served_first_come_first_served_each_with_a_different_token() {
     assert_eq!(pool.waiting(), 3);
     assert_eq!(pool.due(t0), Some(t0), "waiters want a fetch now");
     for n in ["a", "b", "c", "d"] {
-        pool.deposit(pooled(n, t0, 60), t0).unwrap();
+        pool.deposit(pooled(n, t0, 60), &mut ledger.lock(), t0)
+            .unwrap();
     }
     let got: Vec<String> = receivers
         .iter_mut()
@@ -103,13 +111,15 @@ fn waiters_are_served_first_come_first_served_each_with_a_different_token() {
 #[test]
 fn a_grant_to_a_lease_gone_goes_to_the_next_waiter_and_a_restored_token_back_to_the_pool() {
     let t0 = Instant::now();
+    let ledger = TokenLedger::default();
     let mut pool = Pool::new(0, MARGIN);
     let (gone_tx, gone_rx) = oneshot::channel();
     let (next_tx, mut next_rx) = oneshot::channel();
     let _ = pool.lease(t0, Duration::ZERO, false, gone_tx);
     let _ = pool.lease(t0, Duration::ZERO, false, next_tx);
     drop(gone_rx);
-    pool.deposit(pooled("a", t0, 60), t0).unwrap();
+    pool.deposit(pooled("a", t0, 60), &mut ledger.lock(), t0)
+        .unwrap();
     let Ok(Grant::Token { pooled: got, .. }) = next_rx.try_recv() else {
         panic!("the live waiter gets the token");
     };
@@ -124,16 +134,21 @@ fn a_grant_to_a_lease_gone_goes_to_the_next_waiter_and_a_restored_token_back_to_
 #[test]
 fn a_token_klavi_sends_again_is_refused_until_it_expires() {
     let t0 = Instant::now();
+    let ledger = TokenLedger::default();
     let mut pool = Pool::new(2, MARGIN);
-    pool.deposit(pooled("a", t0, 60), t0).unwrap();
+    pool.deposit(pooled("a", t0, 60), &mut ledger.lock(), t0)
+        .unwrap();
     assert_eq!(lease_now(&mut pool, t0, 0).as_deref(), Some("a"));
     assert_eq!(
-        pool.deposit(pooled("a", t0, 60), t0 + secs(1)),
+        pool.deposit(pooled("a", t0, 60), &mut ledger.lock(), t0 + secs(1)),
         Err(Duplicate)
     );
-    assert_eq!(pool.deposit(pooled("b", t0, 60), t0 + secs(1)), Ok(()));
     assert_eq!(
-        pool.deposit(pooled("b", t0, 60), t0 + secs(1)),
+        pool.deposit(pooled("b", t0, 60), &mut ledger.lock(), t0 + secs(1)),
+        Ok(())
+    );
+    assert_eq!(
+        pool.deposit(pooled("b", t0, 60), &mut ledger.lock(), t0 + secs(1)),
         Err(Duplicate)
     );
     assert_eq!(pool.ready(t0 + secs(1)), 1);
@@ -142,12 +157,14 @@ fn a_token_klavi_sends_again_is_refused_until_it_expires() {
 #[test]
 fn min_ttl_a_fresh_token_cannot_meet_is_answered_unsatisfiable() {
     let t0 = Instant::now();
+    let ledger = TokenLedger::default();
     let mut pool = Pool::new(0, MARGIN);
     let (short_tx, mut short_rx) = oneshot::channel();
     let (any_tx, mut any_rx) = oneshot::channel();
     let _ = pool.lease(t0, secs(100), false, short_tx);
     let _ = pool.lease(t0, Duration::ZERO, false, any_tx);
-    pool.deposit(pooled("a", t0, 60), t0).unwrap();
+    pool.deposit(pooled("a", t0, 60), &mut ledger.lock(), t0)
+        .unwrap();
     assert!(matches!(
         short_rx.try_recv(),
         Ok(Grant::Unsatisfiable { max_ttl_secs: 60 })
@@ -184,10 +201,15 @@ fn when_the_next_fetch_is_due() {
     ];
     for (size, tokens, due) in cases {
         let now = t0 + secs(100);
+        let ledger = TokenLedger::default();
         let mut pool = Pool::new(size, MARGIN);
         for (i, (ago, life)) in tokens.iter().enumerate() {
-            pool.deposit(pooled(&i.to_string(), now - secs(*ago), *life), now)
-                .unwrap();
+            pool.deposit(
+                pooled(&i.to_string(), now - secs(*ago), *life),
+                &mut ledger.lock(),
+                now,
+            )
+            .unwrap();
         }
         assert_eq!(
             pool.due(now),
@@ -230,7 +252,8 @@ proptest! {
     ) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut pool = Pool::new(size, MARGIN);
+        let ledger = TokenLedger::default();
+    let mut pool = Pool::new(size, MARGIN);
         let mut sent: Vec<Pooled> = Vec::new();
         let mut queued: Vec<(u64, Duration, oneshot::Receiver<Grant>)> = Vec::new();
         let mut handed: HashSet<String> = HashSet::new();
@@ -258,7 +281,7 @@ proptest! {
                         _ => pooled(&format!("t{}", sent.len()), now, lifetime),
                     };
                     sent.push(token.clone());
-                    let _ = pool.deposit(token, now);
+                    let _ = pool.deposit(token, &mut ledger.lock(), now);
                 }
                 Op::Advance(s) => now += secs(s),
                 Op::GiveUp(i) if !queued.is_empty() => {
