@@ -159,12 +159,12 @@ impl AppState {
 /// The token listener: every profile's token routes and the probes.
 pub fn token_router(state: AppState) -> Router {
     let token_routes = Router::new()
-        .route(TOKEN, get(token::get_default))
-        .route(TOKEN_REFRESH, post(token::refresh_default))
-        .route(PROFILE_TOKEN, get(token::get_named))
-        .route(PROFILE_TOKEN_REFRESH, post(token::refresh_named))
-        .route(TOKEN_LEASE, post(token::lease_default))
-        .route(PROFILE_TOKEN_LEASE, post(token::lease_named))
+        .route(TOKEN, get(token::get))
+        .route(TOKEN_REFRESH, post(token::refresh))
+        .route(PROFILE_TOKEN, get(token::get))
+        .route(PROFILE_TOKEN_REFRESH, post(token::refresh))
+        .route(TOKEN_LEASE, post(token::lease))
+        .route(PROFILE_TOKEN_LEASE, post(token::lease))
         .route_layer(middleware::from_fn_with_state(
             state.guard.clone(),
             guard::token_route_guard,

@@ -33,64 +33,54 @@ fn rejection_header(rejection: Rejection) -> http::HeaderValue {
     })
 }
 
-/// The endpoint of the default profile, or 404 `unknown_profile`.
-fn default_endpoint(state: &AppState) -> Result<Arc<Endpoint>, ApiError> {
-    state
-        .endpoints
-        .default_profile()
-        .cloned()
-        .ok_or(ApiError::NoDefaultProfile)
+/// Whether a token route's path names a profile (`/profiles/{name}/…`)
+/// rather than the default one (`/token…`).
+fn names_a_profile(request: &Request) -> bool {
+    request.uri().path().starts_with("/profiles/")
 }
 
-/// The endpoint `/profiles/{name}/…` names, or 404 `unknown_profile`. The
-/// name is taken from the raw path, as the metrics and the hot path take
-/// it: profile names never need percent-encoding, so an encoded one is no
-/// profile (rather than one served under another's name, or a 400 in text).
-fn named_endpoint(state: &AppState, request: &Request) -> Result<Arc<Endpoint>, ApiError> {
+/// The endpoint a token route's path names, or 404 `unknown_profile`
+/// (for `/token…`: there is no default profile). The name is taken from
+/// the raw path, as the metrics and the hot path take it: profile names
+/// never need percent-encoding, so an encoded one is no profile (rather
+/// than one served under another's name, or a 400 in text).
+fn endpoint(state: &AppState, request: &Request) -> Result<Arc<Endpoint>, ApiError> {
+    let missing = if names_a_profile(request) {
+        ApiError::UnknownProfile
+    } else {
+        ApiError::NoDefaultProfile
+    };
     state
         .endpoints
         .for_path(request.uri().path())
         .cloned()
-        .ok_or(ApiError::UnknownProfile)
+        .ok_or(missing)
 }
 
-pub(super) async fn get_default(State(state): State<AppState>, request: Request) -> Response {
-    match default_endpoint(&state) {
-        Ok(endpoint) => get_token(&endpoint, TOKEN, request).await,
+/// `GET /token` and `GET /profiles/{name}/token` off the hot path.
+pub(super) async fn get(State(state): State<AppState>, request: Request) -> Response {
+    let route = if names_a_profile(&request) {
+        PROFILE_TOKEN
+    } else {
+        TOKEN
+    };
+    match endpoint(&state, &request) {
+        Ok(endpoint) => get_token(&endpoint, route, request).await,
         Err(error) => error.into_response(),
     }
 }
 
-pub(super) async fn get_named(State(state): State<AppState>, request: Request) -> Response {
-    match named_endpoint(&state, &request) {
-        Ok(endpoint) => get_token(&endpoint, PROFILE_TOKEN, request).await,
-        Err(error) => error.into_response(),
-    }
-}
-
-pub(super) async fn refresh_default(State(state): State<AppState>, request: Request) -> Response {
-    match default_endpoint(&state) {
+/// `POST /token/refresh` and `POST /profiles/{name}/token/refresh`.
+pub(super) async fn refresh(State(state): State<AppState>, request: Request) -> Response {
+    match endpoint(&state, &request) {
         Ok(endpoint) => refresh_token(&endpoint, request).await,
         Err(error) => error.into_response(),
     }
 }
 
-pub(super) async fn refresh_named(State(state): State<AppState>, request: Request) -> Response {
-    match named_endpoint(&state, &request) {
-        Ok(endpoint) => refresh_token(&endpoint, request).await,
-        Err(error) => error.into_response(),
-    }
-}
-
-pub(super) async fn lease_default(State(state): State<AppState>, request: Request) -> Response {
-    match default_endpoint(&state) {
-        Ok(endpoint) => lease_token(&endpoint, request).await,
-        Err(error) => error.into_response(),
-    }
-}
-
-pub(super) async fn lease_named(State(state): State<AppState>, request: Request) -> Response {
-    match named_endpoint(&state, &request) {
+/// `POST /token/lease` and `POST /profiles/{name}/token/lease`.
+pub(super) async fn lease(State(state): State<AppState>, request: Request) -> Response {
+    match endpoint(&state, &request) {
         Ok(endpoint) => lease_token(&endpoint, request).await,
         Err(error) => error.into_response(),
     }
