@@ -110,21 +110,8 @@ async fn the_budget_caps_a_schedule_that_would_storm() {
 /// failures' retries closer than the floor.
 #[tokio::test(start_paused = true)]
 async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
-    let script: Vec<Step> = (0..400)
-        .map(|i| match i % 9 {
-            0 => Step::Status(429, Some(Duration::ZERO), Duration::ZERO),
-            1 => Step::Status(503, None, Duration::ZERO),
-            2 => Step::Token(Duration::from_millis(5200), Duration::ZERO, None),
-            3 => Step::Invalid,
-            4 => Step::Status(500, None, Duration::ZERO),
-            5 => Step::Token(secs(300), Duration::from_millis(50), None),
-            6 => Step::Status(401, None, Duration::ZERO),
-            7 => Step::Status(503, Some(Duration::ZERO), secs(20)),
-            _ => Step::Token(secs(3), Duration::ZERO, None),
-        })
-        .collect();
     let limit = 12;
-    let h = start(budget_policy(limit), 0.5, token_step(300), script);
+    let h = start(budget_policy(limit), 0.5, token_step(300), worst_answers());
     let mut clients = Vec::new();
     for i in 0..8u64 {
         let store = Arc::clone(&h.store);
@@ -142,6 +129,71 @@ async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
     for client in clients {
         client.await.unwrap();
     }
+    assert_bounded(&h, limit);
+    h.stop().await;
+}
+
+/// The same worst Klavi against the two demands this issue added: clients
+/// reporting every token they get as rejected, and a single_use profile
+/// whose leases (some with an unmeetable `min_ttl`) loop, while Klavi also
+/// sends tokens back it sent before. The same bounds hold.
+#[tokio::test(start_paused = true)]
+async fn no_rejection_or_lease_and_no_answer_sequence_exceeds_the_budget() {
+    let limit = 12;
+    let mut answers = worst_answers();
+    for i in (4..answers.len()).step_by(11) {
+        answers.insert(i, Step::Repeat);
+    }
+    let shared = start(budget_policy(limit), 0.5, token_step(300), answers.clone());
+    let pool = start_pool(0, budget_policy(limit), token_step(300), answers);
+    let mut clients = Vec::new();
+    for i in 0..8u64 {
+        let (rejecter, leaser) = (Arc::clone(&shared.store), Arc::clone(&pool.store));
+        clients.push(tokio::spawn(async move {
+            for round in 0..600u64 {
+                if let Ok(token) = rejecter.token_with(Duration::ZERO).await {
+                    let _ = rejecter.replace_rejected(token.digest()).await;
+                }
+                let wanted = if (i + round) % 3 == 0 {
+                    secs(100_000)
+                } else {
+                    Duration::ZERO
+                };
+                let _ = leaser.lease(wanted).await;
+                sleep(Duration::from_millis(100 + 37 * i)).await;
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert_bounded(&shared, limit);
+    assert_bounded(&pool, limit);
+    shared.stop().await;
+    pool.stop().await;
+}
+
+/// Klavi answering anything: `Retry-After: 0`, 5xx, rejected keys, a 20 s
+/// hang, garbage, tokens due at once.
+fn worst_answers() -> Vec<Step> {
+    (0..400)
+        .map(|i| match i % 9 {
+            0 => Step::Status(429, Some(Duration::ZERO), Duration::ZERO),
+            1 => Step::Status(503, None, Duration::ZERO),
+            2 => Step::Token(Duration::from_millis(5200), Duration::ZERO, None),
+            3 => Step::Invalid,
+            4 => Step::Status(500, None, Duration::ZERO),
+            5 => Step::Token(secs(300), Duration::from_millis(50), None),
+            6 => Step::Status(401, None, Duration::ZERO),
+            7 => Step::Status(503, Some(Duration::ZERO), secs(20)),
+            _ => Step::Token(secs(3), Duration::ZERO, None),
+        })
+        .collect()
+}
+
+/// Never more than `limit` fetches in any minute, never two at once, and
+/// after every failure the next call waited at least the floor.
+fn assert_bounded(h: &Harness, limit: u32) {
     let times = h.stats.call_times.lock().unwrap().clone();
     assert!(times.len() > 2 * limit as usize, "{} calls", times.len());
     assert_eq!(h.stats.max_in_flight.load(Ordering::SeqCst), 1);
@@ -150,7 +202,6 @@ async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
         "{} in a minute",
         most_in_any_minute(&times)
     );
-    // After every failure, the next call waited at least the floor.
     let failures = h.stats.failures.lock().unwrap().clone();
     assert!(failures.len() > 5);
     let floor = RefreshPolicy::default().backoff_initial;
@@ -163,7 +214,6 @@ async fn no_client_demand_and_no_answer_sequence_exceeds_the_budget() {
             );
         }
     }
-    h.stop().await;
 }
 
 /// Review finding: once the budget let a fetch through, a waiter whose wait
