@@ -21,13 +21,45 @@ use crate::cache::digests::TokenLedger;
 use crate::cache::refresher::{RefreshObserver, Refresher};
 use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
+use crate::config::ranges::KeyNames;
 use crate::config::{Config, ConfigError, ProfileConfig, TokenMode};
 use crate::ops::metrics::Metrics;
 use crate::profile::{Profile, Profiles};
+use crate::proxy::client::UpstreamClient;
+use crate::proxy::{Forwarder, ForwarderConfig, proxy_router};
 use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
 use crate::serve::server::{self, BindError};
 use crate::upstream::credentials::Credentials;
 use crate::upstream::klavi::{HttpClients, KlaviClient};
+
+/// Each profile's client for auth requests, and for its proxy if it has
+/// one; clients with the same settings are shared (one pool each).
+fn build_clients(
+    profiles: &[ProfileConfig],
+) -> Result<(Vec<reqwest::Client>, Vec<Option<UpstreamClient>>), String> {
+    let mut http = HttpClients::default();
+    let mut upstream: Vec<(std::time::Duration, UpstreamClient)> = Vec::new();
+    let mut auth = Vec::with_capacity(profiles.len());
+    let mut proxy = Vec::with_capacity(profiles.len());
+    for profile in profiles {
+        auth.push(http.for_config(&profile.klavi).map_err(|e| e.to_string())?);
+        if profile.proxy_listen.is_none() {
+            proxy.push(None);
+            continue;
+        }
+        let timeout = profile.klavi.connect_timeout;
+        let client = match upstream.iter().find(|(t, _)| *t == timeout) {
+            Some((_, client)) => client.clone(),
+            None => {
+                let client = UpstreamClient::new(timeout).map_err(|e| e.to_string())?;
+                upstream.push((timeout, client.clone()));
+                client
+            }
+        };
+        proxy.push(Some(client));
+    }
+    Ok((auth, proxy))
+}
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +81,8 @@ struct Parts {
     config: ProfileConfig,
     credentials: Arc<Credentials>,
     store: Arc<TokenStore>,
+    /// Its proxy listener, bound, and the address it got.
+    proxy: Option<(TcpListener, SocketAddr)>,
 }
 
 /// The sidecar, bound and ready to run.
@@ -100,10 +134,18 @@ impl Application {
                 }
             };
             let store = Arc::new(store.with_ledger(Arc::clone(&ledger)));
+            let proxy = match profile.proxy_listen {
+                Some(addr) => {
+                    let key = KeyNames::of(&profile.name).klavi("proxy_listen");
+                    Some(server::bind(&key, addr).await?)
+                }
+                None => None,
+            };
             profiles.push(Parts {
                 config: profile.clone(),
                 credentials,
                 store,
+                proxy,
             });
         }
         // A token rejected on one profile is dropped by every other that
@@ -136,6 +178,14 @@ impl Application {
         self.ops_addr
     }
 
+    /// Where profile `name`'s proxy listens, if it has one.
+    pub fn proxy_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.profiles
+            .iter()
+            .find(|p| p.config.name == name)
+            .and_then(|p| p.proxy.as_ref().map(|(_, addr)| *addr))
+    }
+
     /// Serves until `shutdown` is cancelled, then drains and stops.
     ///
     /// The servers start first, so `/healthz` answers while the HTTP
@@ -149,7 +199,7 @@ impl Application {
             ops_listener,
             token_addr,
             ops_addr,
-            profiles: parts,
+            profiles: mut parts,
         } = self;
         let metrics = Arc::new(Metrics::new(Arc::new(SystemClock)));
         let served: Vec<Arc<Profile>> = parts
@@ -197,7 +247,7 @@ impl Application {
             servers.spawn(server::serve(
                 "ops",
                 listener,
-                ops_router(state),
+                ops_router(state.clone()),
                 None,
                 limits,
                 stop_servers.clone(),
@@ -206,25 +256,49 @@ impl Application {
         }
 
         // Off the runtime's thread, so the servers answer meanwhile.
-        let klavi_configs: Vec<_> = parts.iter().map(|p| p.config.klavi.clone()).collect();
-        let clients = tokio::task::spawn_blocking(move || {
-            let mut http = HttpClients::default();
-            klavi_configs
-                .iter()
-                .map(|config| http.for_config(config))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|error| error.to_string())
-        })
-        .await
-        .unwrap_or_else(|error| Err(format!("the client builder failed: {error}")));
-        let clients = match clients {
-            Ok(clients) => clients,
+        let klavi_configs: Vec<_> = parts.iter().map(|p| p.config.clone()).collect();
+        let clients = tokio::task::spawn_blocking(move || build_clients(&klavi_configs))
+            .await
+            .unwrap_or_else(|error| Err(format!("the client builder failed: {error}")));
+        let (clients, proxy_clients) = match clients {
+            Ok(built) => built,
             Err(error) => {
                 stop_servers.cancel();
                 while servers.join_next().await.is_some() {}
                 return Err(StartError::Client(error));
             }
         };
+
+        let mut proxies = Vec::new();
+        for ((parts, profile), client) in parts.iter_mut().zip(profiles.iter()).zip(proxy_clients) {
+            let (Some((listener, addr)), Some(client)) = (parts.proxy.take(), client) else {
+                continue;
+            };
+            let forwarder = Forwarder::new(
+                Arc::clone(profile),
+                client,
+                ForwarderConfig {
+                    base: parts.config.klavi.base_url.clone(),
+                    guard: state.guard.clone(),
+                    max_body_bytes: config.proxy.max_body_bytes,
+                    timeout: config.proxy.request_timeout,
+                    access_log: config.proxy.access_log,
+                },
+            );
+            let Some(forwarder) = forwarder else {
+                continue;
+            };
+            servers.spawn(server::serve(
+                "proxy",
+                listener,
+                proxy_router(Arc::new(forwarder)),
+                None,
+                limits,
+                stop_servers.clone(),
+                grace,
+            ));
+            proxies.push(format!("{}={addr}", profile.name()));
+        }
 
         let stop_refresh = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -264,6 +338,7 @@ impl Application {
             token_listener = %token_addr,
             ops_listener = %ops_addr.map_or_else(|| "off".to_string(), |a| a.to_string()),
             profiles = %names.join(","),
+            proxies = %proxies.join(","),
             "klavi-token-sidecar started"
         );
         for profile in &config.profiles {

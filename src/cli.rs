@@ -218,7 +218,13 @@ async fn serve(
         Err(error) => return fail(EXIT_FAILURE, error),
     };
     if let Some(fake) = &fake {
-        demo::banner(app.token_addr(), app.ops_addr(), &fake.base_url());
+        let addresses = demo::Addresses {
+            token: app.token_addr(),
+            ops: app.ops_addr(),
+            proxy: app.proxy_addr(crate::config::DEFAULT_PROFILE),
+            payments_proxy: app.proxy_addr(demo::PAYMENTS_PROFILE),
+        };
+        demo::banner(addresses, &fake.base_url());
     }
     let result = app.run_until_stopped(shutdown::on_signals()).await;
     if let Some(fake) = fake {

@@ -14,10 +14,18 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(30);
 /// The demo's single_use profile, for payment initiation.
 pub const PAYMENTS_PROFILE: &str = "payments";
 
+/// Where the default profile's proxy listens unless configured.
+pub const PROXY_LISTEN: &str = "127.0.0.1:8091";
+
+/// Where the `payments` profile's proxy listens unless configured.
+pub const PAYMENTS_PROXY_LISTEN: &str = "127.0.0.1:8092";
+
 /// The configuration as loaded (`raw`), pointed at the fake with the demo
-/// keys, plus a single_use profile `payments` (pool of 2) unless one of
-/// that name is configured. Listeners, refresh policy and logging still
-/// come from the usual layers.
+/// keys, with a proxy in front of it on [`PROXY_LISTEN`], plus a single_use
+/// profile `payments` (pool of 2, its own proxy on
+/// [`PAYMENTS_PROXY_LISTEN`]); what is configured of either (a listener,
+/// say, through `KLAVI_SIDECAR_PROFILES__PAYMENTS__PROXY_LISTEN`) is kept.
+/// Listeners, refresh policy and logging still come from the usual layers.
 pub fn config(mut raw: RawConfig, fake_base_url: &str) -> Result<Config, ConfigError> {
     raw.klavi.base_url = fake_base_url.to_string();
     raw.klavi.auth_path = crate::fake_klavi::AUTH_PATH.to_string();
@@ -25,20 +33,48 @@ pub fn config(mut raw: RawConfig, fake_base_url: &str) -> Result<Config, ConfigE
     raw.klavi.secret_key = Some(Secret::new(DEMO_SECRET_KEY));
     raw.klavi.access_key_file = None;
     raw.klavi.secret_key_file = None;
-    raw.profiles
+    if raw.klavi.proxy_listen.trim().is_empty() {
+        raw.klavi.proxy_listen = PROXY_LISTEN.to_string();
+    }
+    let payments = raw
+        .profiles
         .entry(PAYMENTS_PROFILE.to_string())
-        .or_insert_with(|| RawProfile {
-            access_key: Some(Secret::new(DEMO_ACCESS_KEY)),
-            secret_key: Some(Secret::new(DEMO_SECRET_KEY)),
-            mode: Some("single_use".into()),
-            pool_size: Some(2),
-            ..RawProfile::default()
-        });
+        .or_insert_with(RawProfile::default);
+    if payments.access_key.is_none() && payments.access_key_file.is_none() {
+        payments.access_key = Some(Secret::new(DEMO_ACCESS_KEY));
+    }
+    if payments.secret_key.is_none() && payments.secret_key_file.is_none() {
+        payments.secret_key = Some(Secret::new(DEMO_SECRET_KEY));
+    }
+    payments.mode.get_or_insert_with(|| "single_use".into());
+    payments.pool_size.get_or_insert(2);
+    payments
+        .proxy_listen
+        .get_or_insert_with(|| PAYMENTS_PROXY_LISTEN.to_string());
     Config::validate(raw)
 }
 
+/// Where the demo listens, for the banner.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    /// The token API.
+    pub token: SocketAddr,
+    /// The ops listener, if on.
+    pub ops: Option<SocketAddr>,
+    /// The default profile's proxy, if on.
+    pub proxy: Option<SocketAddr>,
+    /// The `payments` profile's proxy, if on.
+    pub payments_proxy: Option<SocketAddr>,
+}
+
 /// Tells the newcomer what to try.
-pub fn banner(token: SocketAddr, ops: Option<SocketAddr>, fake: &str) {
+pub fn banner(addresses: Addresses, fake: &str) {
+    let Addresses {
+        token,
+        ops,
+        proxy,
+        payments_proxy,
+    } = addresses;
     let ops = ops.map_or_else(String::new, |ops| {
         let probe = crate::config::probe_address(&crate::config::RawConfig {
             server: crate::config::RawServer {
@@ -51,6 +87,28 @@ pub fn banner(token: SocketAddr, ops: Option<SocketAddr>, fake: &str) {
         format!("\n  curl http://{probe}/readyz")
     });
     let h = "-H 'Klavi-Sidecar: true'";
+    let mut proxies = String::new();
+    if let Some(proxy) = proxy {
+        proxies.push_str(&format!(
+            "\nThe proxy: call Klavi through the sidecar with no token at all; it adds one:\n\
+             \x20 curl -i {h} http://{proxy}/payment/customer/v1/payments\n"
+        ));
+    }
+    if let Some(proxy) = payments_proxy {
+        proxies.push_str(&format!(
+            "Profile \"{PAYMENTS_PROFILE}\"'s proxy leases a fresh single-use token for every request \
+             (see Klavi-Sidecar-Token):\n\
+             \x20 curl -i {h} -X POST -d '{{\"amount\":100}}' http://{proxy}/payment/customer/v1/payments\n"
+        ));
+    }
+    if let Some(proxy) = proxy {
+        proxies.push_str(&format!(
+            "Revoke every token: the proxy gets Klavi's 401, replays once with a new token, and you \
+             still get 200:\n\
+             \x20 curl -X POST -d '{{\"all\":true}}' {fake}/_fake/revoke\n\
+             \x20 curl -i {h} http://{proxy}/payment/customer/v1/payments\n"
+        ));
+    }
     eprintln!(
         "\nklavi-token-sidecar demo: a fake Klavi issues 30-second tokens; watch the log refresh them.\n\
          Try:\n  curl {h} http://{token}/token\n  curl {h} -X POST http://{token}/token/refresh{ops}\n\
@@ -61,7 +119,7 @@ pub fn banner(token: SocketAddr, ops: Option<SocketAddr>, fake: &str) {
          \x20 curl -X POST -d \"{{\\\"accessToken\\\":\\\"$TOKEN\\\"}}\" {fake}/_fake/revoke\n\
          \x20 curl {h} -X POST -d \"{{\\\"rejectedToken\\\":\\\"$TOKEN\\\"}}\" http://{token}/token/refresh\n\
          \nSingle-use tokens, one per payment initiation: profile \"{PAYMENTS_PROFILE}\" has mode = \"single_use\", \
-         pool_size = 2:\n  curl {h} -X POST http://{token}/profiles/{PAYMENTS_PROFILE}/token/lease\n\
+         pool_size = 2:\n  curl {h} -X POST http://{token}/profiles/{PAYMENTS_PROFILE}/token/lease\n{proxies}\
          Stop with Ctrl-C.\n"
     );
 }

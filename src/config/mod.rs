@@ -39,7 +39,9 @@ mod validate;
 pub use error::ConfigError;
 pub use layers::{CONFIG_ENV, ENV_PREFIX, Overrides, Sources, load_raw, raw_from};
 pub use ranges::{RANGES, Range};
-pub use raw::{RawConfig, RawKlavi, RawLog, RawProfile, RawRefresh, RawRuntime, RawServer};
+pub use raw::{
+    RawConfig, RawKlavi, RawLog, RawProfile, RawProxy, RawRefresh, RawRuntime, RawServer,
+};
 pub use validate::read_key_file;
 
 /// The name of the profile `[klavi]` and `[refresh]` describe.
@@ -80,9 +82,23 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
 }
 
+/// `[proxy]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Largest request body (buffered for a replay); 413 beyond.
+    pub max_body_bytes: usize,
+    /// One proxied exchange, token wait and replay included.
+    pub request_timeout: Duration,
+    /// One info line per proxied request.
+    pub access_log: bool,
+}
+
 /// A profile's `[klavi]` keys, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KlaviConfig {
+    /// Klavi's API root, where the proxy forwards (no query, no
+    /// credentials).
+    pub base_url: Url,
     /// The full auth endpoint: `base_url` + `auth_path`.
     pub auth_url: Url,
     /// The access key.
@@ -135,8 +151,8 @@ pub struct ProfileConfig {
     /// Shares its token through the fleet's Redis when `[fleet]` is on
     /// (never for a single_use profile).
     pub fleet: bool,
-    /// Reserved for the proxy (must be empty in this version).
-    pub proxy_listen: String,
+    /// The profile's proxy listener (SPEC §4.3), if any.
+    pub proxy_listen: Option<SocketAddr>,
     /// Reserved for the token file (must be empty in this version).
     pub token_file: String,
 }
@@ -157,6 +173,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Every profile: `default` first when there is one, then by name.
     pub profiles: Vec<ProfileConfig>,
+    /// `[proxy]`
+    pub proxy: ProxyConfig,
     /// `[log]`
     pub log: LogFormat,
     /// Worker threads of the runtime (0: one per CPU).

@@ -251,7 +251,49 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
                 "[profiles.a]\n{keys}proxy_listen = \"127.0.0.1:9\"\n[profiles.b]\n{keys}proxy_listen = \"127.0.0.1:9\"\n"
             ),
             "profiles.b.proxy_listen",
-            "cannot share",
+            "clashes with profiles.a.proxy_listen",
+        ),
+        (
+            format!("[profiles.a]\n{keys}proxy_listen = \"127.0.0.1:8089\"\n"),
+            "profiles.a.proxy_listen",
+            "clashes with server.listen",
+        ),
+        (
+            format!("[profiles.a]\n{keys}proxy_listen = \"127.0.0.1:8090\"\n"),
+            "profiles.a.proxy_listen",
+            "clashes with server.ops_listen",
+        ),
+        (
+            format!("[profiles.a]\n{keys}proxy_listen = \"10.0.0.5:8091\"\n"),
+            "profiles.a.proxy_listen",
+            "not a loopback address",
+        ),
+        (
+            format!("[profiles.a]\n{keys}proxy_listen = \"0.0.0.0:8091\"\n"),
+            "profiles.a.proxy_listen",
+            "not a loopback address",
+        ),
+        (
+            format!("[profiles.a]\n{keys}proxy_listen = \"localhost:8091\"\n"),
+            "profiles.a.proxy_listen",
+            "not an IP:port address",
+        ),
+        (
+            format!("[profiles.a]\n{keys}proxy_listen = \"unix:/run/k.sock\"\n"),
+            "profiles.a.proxy_listen",
+            "unix sockets",
+        ),
+        (
+            format!(
+                "[proxy]\nrequest_timeout_ms = 5000\n[profiles.a]\n{keys}proxy_listen = \"127.0.0.1:8091\"\n"
+            ),
+            "proxy.request_timeout_ms",
+            "profiles.a.refresh.wait_ms",
+        ),
+        (
+            format!("[proxy]\nmax_body_bytes = 16777217\n[profiles.a]\n{keys}"),
+            "proxy.max_body_bytes",
+            "out of range",
         ),
         (
             format!("[profiles.pay]\n{keys}mode = \"single-use\"\n"),

@@ -9,7 +9,7 @@
 //! `[klavi]` and `[refresh]` keys they stand for.
 
 use super::ConfigError;
-use super::raw::{RawKlavi, RawRefresh, RawServer};
+use super::raw::{RawKlavi, RawProxy, RawRefresh, RawServer};
 
 /// The allowed values of one numeric key, inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,7 @@ const DAY: u64 = 24 * HOUR;
 /// are where zero would spin a loop (`backoff_initial_ms`,
 /// `min_interval_secs`, `max_auth_per_minute`) or make a wait impossible
 /// (`wait_ms`, timeouts).
-pub const RANGES: [Range; 18] = [
+pub const RANGES: [Range; 20] = [
     range("server.shutdown_grace_secs", 1, HOUR),
     range("server.header_read_timeout_ms", 100, 10 * MINUTE_MS),
     range("server.max_header_bytes", 1024, 1 << 20),
@@ -54,6 +54,8 @@ pub const RANGES: [Range; 18] = [
     range("refresh.wait_ms", 100, 5 * MINUTE_MS),
     range("refresh.max_auth_per_minute", 1, 600),
     range("refresh.fallback_ttl_secs", 1, DAY),
+    range("proxy.max_body_bytes", 0, 16 << 20),
+    range("proxy.request_timeout_ms", 1000, 10 * MINUTE_MS),
     range("runtime.worker_threads", 0, 64),
 ];
 
@@ -127,6 +129,14 @@ pub fn server_values(s: &RawServer) -> [(&'static str, u64); 6] {
     ]
 }
 
+/// `[proxy]`'s integer keys and their values.
+pub fn proxy_values(p: &RawProxy) -> [(&'static str, u64); 2] {
+    [
+        ("max_body_bytes", p.max_body_bytes),
+        ("request_timeout_ms", p.request_timeout_ms),
+    ]
+}
+
 /// A profile's `[klavi]` integer keys and their values.
 pub fn klavi_values(k: &RawKlavi) -> [(&'static str, u64); 3] {
     [
@@ -154,6 +164,15 @@ pub fn refresh_values(r: &RawRefresh) -> [(&'static str, u64); 8] {
 pub fn check_server(s: &RawServer) -> Result<(), ConfigError> {
     for (key, value) in server_values(s) {
         let full = format!("server.{key}");
+        check(full.clone(), &full, value)?;
+    }
+    Ok(())
+}
+
+/// Every `[proxy]` key within its range.
+pub fn check_proxy(p: &RawProxy) -> Result<(), ConfigError> {
+    for (key, value) in proxy_values(p) {
+        let full = format!("proxy.{key}");
         check(full.clone(), &full, value)?;
     }
     Ok(())
@@ -264,6 +283,11 @@ mod tests {
             refresh_values(&raw.refresh)
                 .iter()
                 .map(|(k, v)| (format!("refresh.{k}"), *v)),
+        );
+        values.extend(
+            proxy_values(&raw.proxy)
+                .iter()
+                .map(|(k, v)| (format!("proxy.{k}"), *v)),
         );
         values.push(("runtime.worker_threads".into(), raw.runtime.worker_threads));
         values
@@ -448,6 +472,15 @@ mod tests {
                         r.backoff_max_secs = HOUR;
                         set_profile(&mut k, &mut r, range.key, value);
                         check_profile(&KeyNames::of("default"), &k, &r)
+                    }
+                    "proxy" => {
+                        let mut p = RawProxy::default();
+                        match key {
+                            "max_body_bytes" => p.max_body_bytes = value,
+                            "request_timeout_ms" => p.request_timeout_ms = value,
+                            other => panic!("no setter for {other}"),
+                        }
+                        check_proxy(&p)
                     }
                     _ => super::super::worker_threads(&super::super::raw::RawRuntime {
                         worker_threads: value,

@@ -21,6 +21,8 @@ pub struct RawConfig {
     /// `[refresh]`: the `default` profile's policy, and what other profiles
     /// inherit.
     pub refresh: RawRefresh,
+    /// `[proxy]`: how every profile's proxy listener forwards.
+    pub proxy: RawProxy,
     /// `[profiles.NAME]`: more key pairs.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub profiles: BTreeMap<String, RawProfile>,
@@ -119,8 +121,8 @@ pub struct RawKlavi {
     /// `/readyz` waits for this profile. Default `true`.
     #[serde(deserialize_with = "super::lenient::bool")]
     pub required: bool,
-    /// The profile's proxy listener; `""` is off (the proxy is not part of
-    /// this version). Default `""`.
+    /// The profile's proxy listener (SPEC §4.3): a loopback address; `""`
+    /// is off. Default `""`.
     pub proxy_listen: String,
     /// File the profile's token is written to; `""` is off (not part of
     /// this version). Default `""`.
@@ -370,6 +372,34 @@ impl RawProfile {
             mode: Some(k.mode),
             pool_size: Some(k.pool_size),
             refresh: RawRefreshOverrides::all(&r),
+        }
+    }
+}
+
+/// `[proxy]`: what every profile's proxy listener allows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    /// Largest request body, bytes; larger gets 413 before Klavi is
+    /// called (bodies are buffered, so one can be replayed after a 401).
+    /// Default `1048576`, range 0–16777216.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub max_body_bytes: u64,
+    /// One proxied exchange, token wait and replay included, ms; then 504.
+    /// Default `30000`, range 1000–600000.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub request_timeout_ms: u64,
+    /// One info line per proxied request. Default `true`.
+    #[serde(deserialize_with = "super::lenient::bool")]
+    pub access_log: bool,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            request_timeout_ms: 30_000,
+            access_log: true,
         }
     }
 }

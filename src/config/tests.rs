@@ -108,6 +108,7 @@ fn default_toml_documents_exactly_the_defaults() {
     assert_eq!(parsed.refresh, expected.refresh);
     assert_eq!(parsed.log, expected.log);
     assert_eq!(parsed.runtime, expected.runtime);
+    assert_eq!(parsed.proxy, expected.proxy);
     // And the file as shipped (all commented) is valid and yields defaults.
     let shipped: RawConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(shipped, RawConfig::default());

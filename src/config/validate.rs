@@ -12,7 +12,7 @@ use super::ranges::{self, KeyNames};
 use super::raw::{RawConfig, RawKlavi, RawRefresh};
 use super::{
     Config, ConfigError, DEFAULT_PROFILE, KeySource, KlaviConfig, LogFormat, ProfileConfig,
-    RefreshConfig, ServerConfig, TokenMode, worker_threads,
+    ProxyConfig, RefreshConfig, ServerConfig, TokenMode, worker_threads,
 };
 use crate::cache::policy::RefreshPolicy;
 use crate::secret::{REDACTED, Secret};
@@ -42,14 +42,8 @@ impl Config {
             let (klavi, refresh) = own.effective(&raw.klavi, &raw.refresh);
             profiles.push(profile(name, &klavi, &refresh, &raw)?);
         }
-        distinct(&profiles, "proxy_listen", |p| p.proxy_listen.as_str())?;
+        distinct_listeners(&server, &profiles)?;
         distinct(&profiles, "token_file", |p| p.token_file.as_str())?;
-        if let Some(p) = profiles.iter().find(|p| !p.proxy_listen.is_empty()) {
-            return Err(ConfigError::new(
-                KeyNames::of(&p.name).klavi("proxy_listen"),
-                "the proxy is not part of this version; leave it empty",
-            ));
-        }
         if let Some(p) = profiles.iter().find(|p| !p.token_file.is_empty()) {
             return Err(ConfigError::new(
                 KeyNames::of(&p.name).klavi("token_file"),
@@ -58,6 +52,7 @@ impl Config {
         }
 
         Ok(Self {
+            proxy: proxy(&raw, &profiles)?,
             server,
             profiles,
             log,
@@ -120,6 +115,7 @@ fn profile(
 ) -> Result<ProfileConfig, ConfigError> {
     let names = KeyNames::of(name);
     let auth_url = auth_url(&names, k)?;
+    let base_url = base_url(&names, k)?;
     let access_key = key_source(&names, "access_key", &k.access_key, &k.access_key_file)?;
     let secret_key = key_source(&names, "secret_key", &k.secret_key, &k.secret_key_file)?;
     ranges::check_profile(&names, k, r)?;
@@ -132,9 +128,10 @@ fn profile(
         required: k.required,
         mode,
         fleet,
-        proxy_listen: k.proxy_listen.trim().to_string(),
+        proxy_listen: proxy_listen(&names, &k.proxy_listen, raw.server.allow_non_loopback)?,
         token_file: k.token_file.trim().to_string(),
         klavi: KlaviConfig {
+            base_url,
             auth_url,
             access_key,
             secret_key,
@@ -327,6 +324,108 @@ fn is_loopback_host(url: &Url) -> bool {
         Some(Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
     }
+}
+
+/// A profile's `proxy_listen`: off when empty, else a loopback address
+/// (unless `server.allow_non_loopback`): whoever reaches it spends the
+/// profile's token.
+fn proxy_listen(
+    names: &KeyNames,
+    value: &str,
+    allow_non_loopback: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let key = names.klavi("proxy_listen");
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.starts_with("unix:") {
+        return Err(ConfigError::new(
+            key,
+            "unix sockets are not part of this version yet; use a loopback address such as \
+             127.0.0.1:8091",
+        ));
+    }
+    let addr = socket_addr(&key, value)?;
+    if !addr.ip().is_loopback() && !allow_non_loopback {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{addr} is not a loopback address; the proxy adds the profile's token to whatever \
+                 reaches it, so it must stay inside the pod (server.allow_non_loopback = true \
+                 overrides)"
+            ),
+        ));
+    }
+    Ok(Some(addr))
+}
+
+/// No two listeners on one address: each `proxy_listen` apart from the
+/// others, `server.listen` and `server.ops_listen` (port 0 picks a free
+/// port, so it never clashes).
+fn distinct_listeners(
+    server: &ServerConfig,
+    profiles: &[ProfileConfig],
+) -> Result<(), ConfigError> {
+    let clash = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let mut taken: Vec<(SocketAddr, String)> = vec![(server.listen, "server.listen".into())];
+    if let Some(ops) = server.ops_listen {
+        taken.push((ops, "server.ops_listen".into()));
+    }
+    for profile in profiles {
+        let Some(addr) = profile.proxy_listen else {
+            continue;
+        };
+        let key = KeyNames::of(&profile.name).klavi("proxy_listen");
+        if let Some((_, other)) = taken.iter().find(|(t, _)| clash(*t, addr)) {
+            return Err(ConfigError::new(
+                key,
+                format!("{addr} clashes with {other}; each listener needs its own port"),
+            ));
+        }
+        taken.push((addr, key));
+    }
+    Ok(())
+}
+
+/// `[proxy]`, and its rule against every proxied profile's `wait_ms`: a
+/// proxied request may wait that long for a token and must still have
+/// time to be sent.
+fn proxy(raw: &RawConfig, profiles: &[ProfileConfig]) -> Result<ProxyConfig, ConfigError> {
+    let p = &raw.proxy;
+    ranges::check_proxy(p)?;
+    let timeout = Duration::from_millis(p.request_timeout_ms);
+    if let Some(profile) = profiles
+        .iter()
+        .find(|profile| profile.proxy_listen.is_some() && profile.refresh.wait >= timeout)
+    {
+        return Err(ConfigError::new(
+            "proxy.request_timeout_ms",
+            format!(
+                "{} must be longer than {} ({} ms), or a proxied request waiting for a token \
+                 would time out before it is sent",
+                p.request_timeout_ms,
+                KeyNames::of(&profile.name).refresh("wait_ms"),
+                profile.refresh.wait.as_millis()
+            ),
+        ));
+    }
+    Ok(ProxyConfig {
+        max_body_bytes: usize::try_from(p.max_body_bytes).unwrap_or(usize::MAX),
+        request_timeout: timeout,
+        access_log: p.access_log,
+    })
+}
+
+/// A profile's `base_url`, as the proxy forwards to it (checked by
+/// [`auth_url`] first), with no trailing slash in its path.
+fn base_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
+    Url::parse(raw.base_url.trim())
+        .map_err(|e| ConfigError::new(names.klavi("base_url"), format!("is not a URL: {e}")))
 }
 
 fn auth_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {

@@ -26,6 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -35,7 +36,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod api;
 mod outcome;
+pub use api::{ApiReply, ApiRequest};
 pub use outcome::{Outcome, Reply, UnknownFault};
 
 use crate::clock::{SystemClock, WallClock as _};
@@ -149,6 +152,11 @@ struct State {
     tokens: Mutex<std::collections::HashMap<String, Issued>>,
     last_token: Mutex<Option<(String, u64)>>,
     last_request: Mutex<Option<Recorded>>,
+    /// Scripted answers for the next API calls, instead of the echo.
+    api_script: Mutex<VecDeque<ApiReply>>,
+    /// The last API calls received, oldest first (at most
+    /// [`api::KEPT_REQUESTS`]).
+    api_requests: Mutex<VecDeque<ApiRequest>>,
     stop: CancellationToken,
 }
 
@@ -182,6 +190,8 @@ impl FakeKlavi {
             tokens: Mutex::new(std::collections::HashMap::new()),
             last_token: Mutex::new(None),
             last_request: Mutex::new(None),
+            api_script: Mutex::new(VecDeque::new()),
+            api_requests: Mutex::new(VecDeque::new()),
             stop: CancellationToken::new(),
         });
         let task = tokio::spawn(serve(listener, Arc::clone(&state)));
@@ -262,6 +272,16 @@ impl FakeKlavi {
         lock(&self.state.last_request).clone()
     }
 
+    /// Queues answers for the next API calls (instead of the echo).
+    pub fn push_api(&self, replies: impl IntoIterator<Item = ApiReply>) {
+        lock(&self.state.api_script).extend(replies);
+    }
+
+    /// The last API calls received (up to 256), oldest first.
+    pub fn api_requests(&self) -> Vec<ApiRequest> {
+        lock(&self.state.api_requests).iter().cloned().collect()
+    }
+
     /// Stops serving and closes every connection.
     pub async fn stop(self) {
         self.state.stop.cancel();
@@ -303,10 +323,19 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
 #[error("scripted connection reset")]
 struct ScriptedReset;
 
-type FakeResponse = Response<Full<Bytes>>;
+/// The fake's answers: whole bodies, or a chunked one that streams.
+type FakeBody = BoxBody<Bytes, std::io::Error>;
+type FakeResponse = Response<FakeBody>;
+
+/// A whole body.
+fn full(bytes: impl Into<Bytes>) -> FakeBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> FakeResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut response = Response::new(full(body.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -341,7 +370,7 @@ async fn handle(
         return Ok(revoke(&state, request).await);
     }
     if request.uri().path() != AUTH_PATH {
-        return Ok(api_answer(&state, &request));
+        return api::answer(&state, request).await;
     }
     if request.method() != Method::POST {
         return Ok(json_response(
@@ -420,7 +449,7 @@ async fn handle(
             response
         }
         Reply::Raw { status, body } => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
+            let mut response = Response::new(full(body));
             *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -466,46 +495,6 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// Klavi's API as far as tokens go: 200 echoing the method and path with a
-/// valid bearer token (counting its use), 401 otherwise.
-fn api_answer(state: &State, request: &Request<Incoming>) -> FakeResponse {
-    state.api_calls.fetch_add(1, Ordering::SeqCst);
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let refused = match bearer {
-        None => Some("missing"),
-        Some(token) => {
-            let mut tokens = lock(&state.tokens);
-            let issued = tokens.get_mut(token);
-            let refused = refusal(issued.as_deref(), now_unix(), state.config.single_use);
-            if let (None, Some(issued)) = (refused, issued) {
-                issued.uses += 1;
-            }
-            refused
-        }
-    };
-    let echo = |valid: bool| {
-        json!({
-            "method": request.method().as_str(),
-            "path": request.uri().path(),
-            "bearerValid": valid,
-        })
-    };
-    match refused {
-        None => json_response(StatusCode::OK, &echo(true)),
-        Some(why) => {
-            let mut body = echo(false);
-            body["error"] = json!("invalid_token");
-            body["message"] = json!("the access token provided was invalid or has expired");
-            body["reason"] = json!(why);
-            json_response(StatusCode::UNAUTHORIZED, &body)
-        }
-    }
 }
 
 /// `POST /_fake/revoke`.

@@ -72,6 +72,13 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabels {
+    profile: String,
+    status: u16,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProfileLabel {
     profile: String,
 }
@@ -162,6 +169,34 @@ impl LeaseOutcome {
     }
 }
 
+/// How a proxied request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyOutcome {
+    /// Klavi's answer to the one request sent.
+    Forwarded,
+    /// Klavi answered 401; the answer is the replay's, with a fresh token.
+    Replayed,
+    /// The sidecar answered (`Klavi-Sidecar-Error`).
+    SidecarError,
+}
+
+impl ProxyOutcome {
+    /// The `outcome` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Replayed => "replayed",
+            Self::SidecarError => "sidecar_error",
+        }
+    }
+}
+
+/// Proxied request buckets: 1 ms (a loopback Klavi) to 30 s (the default
+/// `proxy.request_timeout_ms`).
+const PROXY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+];
+
 /// The metric families, shared by every profile's handle.
 struct Families {
     token_requests: Family<RequestLabels, Counter>,
@@ -176,6 +211,8 @@ struct Families {
     rejected_tokens: Family<ProfileLabel, Counter>,
     pool_tokens: Family<ProfileLabel, Gauge>,
     leases: Family<OutcomeLabels, Counter>,
+    proxy_requests: Family<ProxyLabels, Counter>,
+    proxy_duration: HistogramFamily,
     consecutive_failures: Family<ProfileLabel, Gauge>,
     token_expiry: Family<ProfileLabel, Gauge>,
     ready: Family<ProfileLabel, Gauge>,
@@ -220,6 +257,8 @@ impl Metrics {
             rejected_tokens: Family::default(),
             pool_tokens: Family::default(),
             leases: Family::default(),
+            proxy_requests: Family::default(),
+            proxy_duration: Family::new_with_constructor(|| Histogram::new(PROXY_BUCKETS)),
             consecutive_failures: Family::default(),
             token_expiry: Family::default(),
             ready: Family::default(),
@@ -286,6 +325,16 @@ impl Metrics {
             "leases",
             "single_use profiles: POST /token/lease by outcome: pooled (at once), waited (for a fetch), unsatisfiable (422), unavailable (503)",
             f.leases.clone(),
+        );
+        registry.register(
+            "proxy_requests",
+            "Requests through a profile's proxy, by the status the app got and outcome: forwarded (Klavi's answer), replayed (Klavi answered 401; the replay's answer, with a fresh token), sidecar_error (the sidecar answered, Klavi-Sidecar-Error)",
+            f.proxy_requests.clone(),
+        );
+        registry.register(
+            "proxy_request_duration_seconds",
+            "Time from a proxied request's arrival to the answer's head (Klavi's, after any replay, or the sidecar's error)",
+            f.proxy_duration.clone(),
         );
         registry.register(
             "refresh_consecutive_failures",
@@ -536,6 +585,28 @@ impl ProfileMetrics {
                 outcome: outcome.label(),
             })
             .inc();
+    }
+
+    /// Creates the proxy's series at zero (a profile with a proxy
+    /// listener), so dashboards see it before the first request.
+    pub fn proxied(&self) {
+        let _ = self.families.proxy_duration.get_or_create(&self.label());
+    }
+
+    /// Counts a proxied request answered `status`, and its duration.
+    pub fn proxy_request(&self, status: u16, outcome: ProxyOutcome, took: Duration) {
+        self.families
+            .proxy_requests
+            .get_or_create(&ProxyLabels {
+                profile: self.profile.clone(),
+                status,
+                outcome: outcome.label(),
+            })
+            .inc();
+        self.families
+            .proxy_duration
+            .get_or_create(&self.label())
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a current token reported rejected.

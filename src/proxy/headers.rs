@@ -48,9 +48,13 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 
 /// The headers of a request forwarded to Klavi at `host`, carrying
 /// `bearer` (`Bearer <token>`).
+///
+/// `Expect: 100-continue` is dropped too: the sidecar has already read
+/// the body (it answered the expectation itself), and sends it whole.
 pub fn to_klavi(app: &HeaderMap, host: HeaderValue, bearer: HeaderValue) -> HeaderMap {
     let mut headers = end_to_end(app);
     headers.remove(REQUIRED_HEADER);
+    headers.remove(header::EXPECT);
     headers.insert(header::HOST, host);
     headers.insert(header::AUTHORIZATION, bearer);
     headers
@@ -136,6 +140,7 @@ mod tests {
                     ("transfer-encoding", "chunked"),
                     ("upgrade", "h2c"),
                     ("proxy-authorization", "Basic eA=="),
+                    ("expect", "100-continue"),
                     ("x-request-id", "abc"),
                 ],
                 vec![

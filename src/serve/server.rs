@@ -286,11 +286,12 @@ const BACKLOG: u32 = 4096;
 /// Binds `addr` for the listener configured by `key`, with address reuse
 /// (a restarted sidecar rebinds at once) and a deep backlog; returns the
 /// listener and the address it got (port 0 picks one).
-pub async fn bind(
-    key: &'static str,
-    addr: SocketAddr,
-) -> Result<(TcpListener, SocketAddr), BindError> {
-    let error = |source| BindError { key, addr, source };
+pub async fn bind(key: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
+    let error = |source| BindError {
+        key: key.to_string(),
+        addr,
+        source,
+    };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -309,7 +310,7 @@ pub async fn bind(
 #[error("cannot listen on {addr} ({key}): {source}")]
 pub struct BindError {
     /// The configuration key of the address.
-    pub key: &'static str,
+    pub key: String,
     /// The address.
     pub addr: SocketAddr,
     /// Why.

@@ -226,6 +226,7 @@ mod tests {
         std::fs::write(&ak, "one\n").unwrap();
         std::fs::write(&sk, "secret").unwrap();
         let config = KlaviConfig {
+            base_url: url::Url::parse("http://127.0.0.1:1").unwrap(),
             auth_url: url::Url::parse("http://127.0.0.1:1/auth").unwrap(),
             access_key: KeySource::File(ak.clone()),
             secret_key: KeySource::File(sk.clone()),

@@ -199,7 +199,13 @@ fn start_demo() -> (Running, String, String) {
             "--log-format",
             "json",
         ],
-        &[],
+        &[
+            ("KLAVI_SIDECAR_KLAVI__PROXY_LISTEN", "127.0.0.1:0"),
+            (
+                "KLAVI_SIDECAR_PROFILES__PAYMENTS__PROXY_LISTEN",
+                "127.0.0.1:0",
+            ),
+        ],
     )
     .stderr(Stdio::piped())
     .stdout(Stdio::null())

@@ -58,6 +58,23 @@ pub enum ApiError {
         /// The profile's token route.
         token_route: String,
     },
+    /// Proxy: no connection to Klavi could be made (connect or TLS
+    /// failed); nothing was sent.
+    UpstreamUnreachable,
+    /// Proxy: the exchange with Klavi failed after the request was sent
+    /// (reset, malformed answer): Klavi may have received it.
+    UpstreamFailed,
+    /// Proxy: `proxy.request_timeout_ms` ran out before Klavi answered.
+    UpstreamTimeout,
+    /// Proxy: an absolute-form, authority-form or `*` request target.
+    NotOriginForm,
+    /// Proxy: `CONNECT` (the proxy tunnels nothing).
+    ConnectNotSupported,
+    /// Proxy: the request body is over `proxy.max_body_bytes`.
+    ProxyBodyTooLarge,
+    /// Proxy: the request body could not be read (the client went away
+    /// mid-body, or sent malformed chunks).
+    BodyUnreadable,
 }
 
 #[derive(Serialize)]
@@ -129,7 +146,17 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidBody(_) => StatusCode::BAD_REQUEST,
             Self::SingleUseProfile { .. } | Self::SharedProfile { .. } => StatusCode::CONFLICT,
+            Self::UpstreamUnreachable | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::NotOriginForm | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ProxyBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
+    }
+
+    /// The `error` code of the body (also the proxy's `Klavi-Sidecar-Error`).
+    pub fn code(&self) -> &'static str {
+        self.body().error
     }
 
     fn body(&self) -> Body {
@@ -226,6 +253,42 @@ impl ApiError {
                 last_error: None,
                 max_ttl: None,
             },
+            Self::UpstreamUnreachable => plain(
+                "upstream_unreachable",
+                "no connection to Klavi could be made (connect or TLS failure); the request was \
+                 not sent, so it is safe to retry",
+            ),
+            Self::UpstreamFailed => plain(
+                "upstream_failed",
+                "the connection to Klavi failed after the request was sent (reset or malformed \
+                 answer); Klavi may have received it, so check before sending it again (the \
+                 sidecar never resends)",
+            ),
+            Self::UpstreamTimeout => plain(
+                "upstream_timeout",
+                "Klavi did not answer within proxy.request_timeout_ms; it may have received the \
+                 request, so check before sending it again (the sidecar never resends)",
+            ),
+            Self::NotOriginForm => plain(
+                "invalid_target",
+                "the request target must be a path (origin form), e.g. /payment/customer/v1/...; \
+                 the proxy only forwards to its profile's Klavi base_url",
+            ),
+            Self::ConnectNotSupported => plain(
+                "method_not_allowed",
+                "CONNECT is not supported: the proxy forwards requests to its profile's Klavi \
+                 only, it tunnels nothing",
+            ),
+            Self::ProxyBodyTooLarge => plain(
+                "payload_too_large",
+                "the request body is larger than proxy.max_body_bytes (bodies are buffered so a \
+                 request can be replayed after a 401); nothing was sent to Klavi",
+            ),
+            Self::BodyUnreadable => plain(
+                "invalid_body",
+                "the request body could not be read (the client closed the connection or sent \
+                 malformed chunks); nothing was sent to Klavi",
+            ),
             Self::PayloadTooLarge => plain(
                 "payload_too_large",
                 "the request body is larger than server.max_body_bytes, or than 16 KiB on the refresh and lease routes (the only body any route reads is POST /token/refresh's rejectedToken)",
@@ -244,6 +307,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
+        if self == Self::ConnectNotSupported {
+            response.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         if let Some(after) = self.retry_after() {
             // Whole seconds, rounded up, at least one.
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -320,6 +389,23 @@ mod tests {
             (ApiError::PayloadTooLarge, 413, "payload_too_large", None),
             (ApiError::InvalidBody("not JSON"), 400, "invalid_body", None),
             (
+                ApiError::UpstreamUnreachable,
+                502,
+                "upstream_unreachable",
+                None,
+            ),
+            (ApiError::UpstreamFailed, 502, "upstream_failed", None),
+            (ApiError::UpstreamTimeout, 504, "upstream_timeout", None),
+            (ApiError::NotOriginForm, 400, "invalid_target", None),
+            (
+                ApiError::ConnectNotSupported,
+                405,
+                "method_not_allowed",
+                None,
+            ),
+            (ApiError::ProxyBodyTooLarge, 413, "payload_too_large", None),
+            (ApiError::BodyUnreadable, 400, "invalid_body", None),
+            (
                 ApiError::SingleUseProfile {
                     lease_route: "/token/lease".into(),
                 },
@@ -341,6 +427,7 @@ mod tests {
             assert_eq!(got_status.as_u16(), status, "{error:?}");
             assert_eq!(got_retry.as_deref(), retry, "{error:?}");
             assert_eq!(body["error"], code);
+            assert_eq!(error.code(), code);
             assert!(body["message"].as_str().is_some_and(|m| m.len() > 10));
         }
         let (_, _, body) = render(ApiError::TokenUnavailable(unavailable)).await;

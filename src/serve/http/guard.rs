@@ -43,8 +43,13 @@ impl Default for Guard {
 }
 
 impl Guard {
-    /// Why a token request is refused, if it is.
-    fn refusal(&self, version: http::Version, uri: &Uri, headers: &HeaderMap) -> Option<ApiError> {
+    /// Why a token (or proxied) request is refused, if it is.
+    pub fn refusal(
+        &self,
+        version: http::Version,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Option<ApiError> {
         if headers.contains_key(X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED) {
             return Some(ApiError::ProxiedRequest);
         }

@@ -1,0 +1,354 @@
+//! One proxied request: checked, buffered, sent with the profile's token,
+//! replayed once after a 401 with a fresh one, and answered (SPEC §4.3).
+//!
+//! Klavi is called at most twice per request, and twice only after a 401
+//! (guarantee 13): a timeout, a reset or a 5xx is answered as it is, never
+//! resent, since the request may have been a payment Klavi received. A
+//! single_use profile leases a token for the request and another for its
+//! replay; a shared one reports the refused token rejected, which fetches
+//! one replacement however many requests saw the 401 at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use url::Url;
+
+use super::client::{SendError, UpstreamClient};
+use super::deadline::DeadlineBody;
+use super::headers;
+use super::target::{TargetError, upstream_uri};
+use crate::cache::store::{Rejection, Served, Unavailable, UnavailableReason};
+use crate::ops::metrics::ProxyOutcome;
+use crate::profile::Profile;
+use crate::serve::http::{ApiError, Guard};
+
+/// What marks an answer as the sidecar's own, not Klavi's: its error code.
+pub const SIDECAR_ERROR: http::HeaderName = http::HeaderName::from_static("klavi-sidecar-error");
+
+/// Response headers that carry Klavi's id for a request, in the order
+/// looked for; the first found goes in the access log.
+const REQUEST_ID_HEADERS: [&str; 3] = ["x-request-id", "request-id", "x-correlation-id"];
+
+/// Longest request id and path kept in the access log.
+const LOGGED_MAX: usize = 256;
+
+/// How much of a 401's body is read so its connection can be reused.
+const DRAINED_MAX: usize = 64 * 1024;
+
+/// What one profile's proxy forwards with.
+#[derive(Debug)]
+pub struct Forwarder {
+    profile: Arc<Profile>,
+    base: Url,
+    host: HeaderValue,
+    client: UpstreamClient,
+    guard: Guard,
+    max_body_bytes: usize,
+    timeout: Duration,
+    access_log: bool,
+}
+
+/// The settings of one profile's proxy.
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    /// The profile's `base_url`.
+    pub base: Url,
+    /// What requests must satisfy (the token routes' guard).
+    pub guard: Guard,
+    /// `proxy.max_body_bytes`.
+    pub max_body_bytes: usize,
+    /// `proxy.request_timeout_ms`.
+    pub timeout: Duration,
+    /// `proxy.access_log`.
+    pub access_log: bool,
+}
+
+impl Forwarder {
+    /// The proxy of `profile`, sending through `client`; `None` when the
+    /// base URL has no host (configuration refuses such URLs).
+    pub fn new(
+        profile: Arc<Profile>,
+        client: UpstreamClient,
+        config: ForwarderConfig,
+    ) -> Option<Self> {
+        let host = match (config.base.host_str(), config.base.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_string(),
+            (None, _) => return None,
+        };
+        profile.metrics().proxied();
+        Some(Self {
+            profile,
+            host: HeaderValue::from_str(&host).ok()?,
+            base: config.base,
+            client,
+            guard: config.guard,
+            max_body_bytes: config.max_body_bytes,
+            timeout: config.timeout,
+            access_log: config.access_log,
+        })
+    }
+
+    /// Largest request body (for the router's limit layer).
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+}
+
+/// How a request was answered, for the log and the metrics.
+struct Answer {
+    response: Response,
+    outcome: ProxyOutcome,
+    /// The token of the request whose answer the app gets.
+    fingerprint: Option<String>,
+}
+
+impl Answer {
+    fn sidecar(error: ApiError) -> Self {
+        Self {
+            response: sidecar_error(error),
+            outcome: ProxyOutcome::SidecarError,
+            fingerprint: None,
+        }
+    }
+}
+
+/// An error made by the sidecar: the JSON error body, marked with
+/// `Klavi-Sidecar-Error` so the app can tell it from Klavi's answers.
+pub fn sidecar_error(error: ApiError) -> Response {
+    let code = error.code();
+    let mut response = error.into_response();
+    response
+        .headers_mut()
+        .insert(SIDECAR_ERROR, HeaderValue::from_static(code));
+    response
+}
+
+/// The handler of every request on a proxy listener.
+pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = logged(request.uri().path()).to_string();
+    let answer = forwarder.answer(request, started).await;
+    let took = started.elapsed();
+    let status = answer.response.status().as_u16();
+    forwarder
+        .profile
+        .metrics()
+        .proxy_request(status, answer.outcome, took);
+    if forwarder.access_log {
+        let request_id = REQUEST_ID_HEADERS
+            .iter()
+            .find_map(|name| answer.response.headers().get(*name))
+            .and_then(|value| value.to_str().ok())
+            .map(logged);
+        let error = answer
+            .response
+            .headers()
+            .get(SIDECAR_ERROR)
+            .and_then(|v| v.to_str().ok());
+        tracing::info!(
+            profile = forwarder.profile.name(),
+            method = %method,
+            path,
+            status,
+            duration_ms = took.as_millis() as u64,
+            token = answer.fingerprint.as_deref().unwrap_or("none"),
+            replayed = answer.outcome == ProxyOutcome::Replayed,
+            klavi_request_id = request_id.unwrap_or_default(),
+            sidecar_error = error.unwrap_or_default(),
+            "proxied"
+        );
+    }
+    answer.response
+}
+
+/// At most [`LOGGED_MAX`] bytes of `text`, cut at a character boundary.
+fn logged(text: &str) -> &str {
+    if text.len() <= LOGGED_MAX {
+        return text;
+    }
+    let mut end = LOGGED_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl Forwarder {
+    async fn answer(&self, request: Request, started: Instant) -> Answer {
+        let deadline = started + self.timeout;
+        let uri = match upstream_uri(&self.base, request.method(), request.uri()) {
+            Ok(uri) => uri,
+            Err(TargetError::Connect) => return Answer::sidecar(ApiError::ConnectNotSupported),
+            Err(TargetError::NotOriginForm) => return Answer::sidecar(ApiError::NotOriginForm),
+        };
+        if let Some(refused) =
+            self.guard
+                .refusal(request.version(), request.uri(), request.headers())
+        {
+            return Answer::sidecar(refused);
+        }
+        let (parts, body) = request.into_parts();
+        let body = match tokio::time::timeout_at(deadline, read_body(body)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(error)) => return Answer::sidecar(error),
+            Err(_) => return Answer::sidecar(ApiError::RequestTimeout),
+        };
+        match self.exchange(&parts, &uri, body, deadline).await {
+            Ok(answer) => answer,
+            Err(error) => Answer::sidecar(error),
+        }
+    }
+
+    /// The request sent with a token, and once more with a fresh one if
+    /// Klavi answers 401.
+    async fn exchange(
+        &self,
+        parts: &Parts,
+        uri: &Uri,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<Answer, ApiError> {
+        let store = self.profile.store();
+        let first = within(deadline, self.token()).await?;
+        let response = within(deadline, self.send(parts, uri, &first, body.clone())).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(self.pass(response, &first, ProxyOutcome::Forwarded, deadline));
+        }
+        // Klavi refused the token: read what little it said, so the
+        // connection can carry the replay, then replay once.
+        let _ = tokio::time::timeout_at(
+            deadline,
+            Limited::new(response.into_body(), DRAINED_MAX).collect(),
+        )
+        .await;
+        let second = if store.is_single_use() {
+            let _ = store.reject(first.digest());
+            within(deadline, self.token()).await?
+        } else {
+            let (rejection, replacement) =
+                tokio::time::timeout_at(deadline, store.replace_rejected(first.digest()))
+                    .await
+                    .map_err(|_| ApiError::UpstreamTimeout)?;
+            if rejection == Rejection::Marked {
+                self.profile.metrics().rejected();
+                tracing::info!(
+                    profile = self.profile.name(),
+                    token = first.fingerprint(),
+                    "Klavi answered 401 to a proxied request; the token is rejected and replaced"
+                );
+            }
+            replacement.map_err(ApiError::TokenUnavailable)?
+        };
+        if second.digest() == first.digest() {
+            // Never the case (a rejected token is never served), but a
+            // replay with the refused token would be a wasted request.
+            return Err(ApiError::TokenUnavailable(Unavailable {
+                reason: UnavailableReason::Failed,
+                last_error: None,
+                retry_after: Duration::from_secs(1),
+            }));
+        }
+        let response = within(deadline, self.send(parts, uri, &second, body)).await?;
+        Ok(self.pass(response, &second, ProxyOutcome::Replayed, deadline))
+    }
+
+    /// A token for one request: a lease on a single_use profile, the
+    /// shared token otherwise.
+    async fn token(&self) -> Result<Served, ApiError> {
+        let store = self.profile.store();
+        let served = if store.is_single_use() {
+            store.lease(Duration::ZERO).await.map(|(served, _)| served)
+        } else {
+            store.token_with(Duration::ZERO).await
+        };
+        served.map_err(|u: Unavailable| ApiError::TokenUnavailable(u))
+    }
+
+    /// Sends the request to Klavi with `token`.
+    async fn send(
+        &self,
+        parts: &Parts,
+        uri: &Uri,
+        token: &Served,
+        body: Bytes,
+    ) -> Result<http::Response<Incoming>, ApiError> {
+        let mut bearer = HeaderValue::try_from(format!("Bearer {}", token.value().expose()))
+            .map_err(|_| ApiError::UpstreamUnreachable)?;
+        bearer.set_sensitive(true);
+        let mut request = http::Request::new(Full::new(body));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers::to_klavi(&parts.headers, self.host.clone(), bearer);
+        self.client.send(request).await.map_err(|error| {
+            tracing::warn!(profile = self.profile.name(), %error, "proxied request got no answer from Klavi");
+            match error {
+                SendError::Unreachable(_) => ApiError::UpstreamUnreachable,
+                SendError::Failed(_) => ApiError::UpstreamFailed,
+            }
+        })
+    }
+
+    /// Klavi's answer for the app: its headers (hop-by-hop ones dropped,
+    /// the token's fingerprint added) and its body, streamed until the
+    /// deadline.
+    fn pass(
+        &self,
+        response: http::Response<Incoming>,
+        token: &Served,
+        outcome: ProxyOutcome,
+        deadline: Instant,
+    ) -> Answer {
+        let (parts, body) = response.into_parts();
+        let mut answer = Response::new(Body::new(DeadlineBody::new(body, deadline)));
+        *answer.status_mut() = parts.status;
+        *answer.headers_mut() = headers::to_app(&parts.headers, token.fingerprint());
+        Answer {
+            response: answer,
+            outcome,
+            fingerprint: Some(token.fingerprint().to_string()),
+        }
+    }
+}
+
+/// `future`'s result, or 504 `upstream_timeout` at `deadline`.
+async fn within<T, E>(
+    deadline: Instant,
+    future: impl Future<Output = Result<T, E>>,
+) -> Result<T, ApiError>
+where
+    ApiError: From<E>,
+{
+    match tokio::time::timeout_at(deadline, future).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(_) => Err(ApiError::UpstreamTimeout),
+    }
+}
+
+/// The whole request body (the router's limit layer caps it at
+/// `proxy.max_body_bytes`).
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    match body.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+            while let Some(e) = cause {
+                if e.is::<LengthLimitError>() {
+                    return Err(ApiError::ProxyBodyTooLarge);
+                }
+                cause = e.source();
+            }
+            Err(ApiError::BodyUnreadable)
+        }
+    }
+}
