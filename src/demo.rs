@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{Config, ConfigError, RawConfig, RawProfile};
+use crate::config::{Config, ConfigError, RawConfig};
 use crate::fake_klavi::{DEMO_ACCESS_KEY, DEMO_SECRET_KEY};
 use crate::secret::Secret;
 
@@ -39,7 +39,7 @@ pub fn config(mut raw: RawConfig, fake_base_url: &str) -> Result<Config, ConfigE
     let payments = raw
         .profiles
         .entry(PAYMENTS_PROFILE.to_string())
-        .or_insert_with(RawProfile::default);
+        .or_default();
     if payments.access_key.is_none() && payments.access_key_file.is_none() {
         payments.access_key = Some(Secret::new(DEMO_ACCESS_KEY));
     }
