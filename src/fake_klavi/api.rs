@@ -20,10 +20,10 @@ use serde_json::json;
 use super::{FakeResponse, ScriptedReset, State, full, json_response, lock, now_unix, refusal};
 
 /// API calls remembered for [`super::FakeKlavi::api_requests`].
-pub const KEPT_REQUESTS: usize = 256;
+pub const KEPT_REQUESTS: usize = 1024;
 
 /// Bytes of each remembered call's body kept (so the memory the record
-/// takes stays bounded at 16 MiB, whatever clients send).
+/// takes stays bounded at 64 MiB, whatever clients send).
 pub const KEPT_BODY: usize = 64 * 1024;
 
 /// Largest API request body read (the proxy allows at most 16 MiB).

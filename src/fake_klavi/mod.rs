@@ -277,7 +277,7 @@ impl FakeKlavi {
         lock(&self.state.api_script).extend(replies);
     }
 
-    /// The last API calls received (up to 256), oldest first.
+    /// The last API calls received (up to 1024), oldest first.
     pub fn api_requests(&self) -> Vec<ApiRequest> {
         lock(&self.state.api_requests).iter().cloned().collect()
     }

@@ -240,14 +240,7 @@ impl Forwarder {
                 tokio::time::timeout_at(deadline, store.replace_rejected(first.digest()))
                     .await
                     .map_err(|_| ApiError::UpstreamTimeout)?;
-            if rejection == Rejection::Marked {
-                self.profile.metrics().rejected();
-                tracing::info!(
-                    profile = self.profile.name(),
-                    token = first.fingerprint(),
-                    "Klavi answered 401 to a proxied request; the token is rejected and replaced"
-                );
-            }
+            self.report(rejection, &first);
             replacement.map_err(ApiError::TokenUnavailable)?
         };
         if second.digest() == first.digest() {
@@ -260,7 +253,25 @@ impl Forwarder {
             }));
         }
         let response = within(deadline, self.send(parts, uri, &second, body)).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // Refused too: that token is not used again either (its
+            // replacement is fetched for the next request, not awaited).
+            self.report(store.reject(second.digest()), &second);
+        }
         Ok(self.pass(response, &second, ProxyOutcome::Replayed, deadline))
+    }
+
+    /// Counts and logs a report of a rejected token that was the
+    /// profile's current one.
+    fn report(&self, rejection: Rejection, token: &Served) {
+        if rejection == Rejection::Marked {
+            self.profile.metrics().rejected();
+            tracing::info!(
+                profile = self.profile.name(),
+                token = token.fingerprint(),
+                "Klavi answered 401 to a proxied request; the token is rejected and replaced"
+            );
+        }
     }
 
     /// A token for one request: a lease on a single_use profile, the

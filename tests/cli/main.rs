@@ -459,4 +459,6 @@ fn get(addr: &str, path: &str) -> String {
 
 mod leases;
 mod profiles;
+mod proxy;
 mod redaction;
+mod sidecar;
