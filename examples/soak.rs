@@ -18,9 +18,12 @@ struct Args {
     /// The sidecar binary.
     #[arg(long, default_value = "target/release/klavi-token-sidecar")]
     binary: PathBuf,
-    /// Concurrent clients.
+    /// Concurrent clients of the token routes.
     #[arg(long, default_value_t = 64)]
     clients: usize,
+    /// Concurrent clients calling Klavi's API through the proxy.
+    #[arg(long, default_value_t = 8)]
+    proxy_clients: usize,
     /// Pause between one client's requests, ms.
     #[arg(long, default_value_t = 5)]
     pacing_ms: u64,
@@ -92,6 +95,9 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             backoff_max,
             rss_growth_limit: 2 << 20,
             reject_every: Some(Duration::from_secs(2)),
+            proxy_base: sidecar.proxy_base.clone(),
+            proxy_clients: args.proxy_clients,
+            revoke_every: Some(Duration::from_secs(3)),
         },
         &fake,
         || soak::rss_of(pid),

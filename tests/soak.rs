@@ -1,5 +1,6 @@
 //! A short chaos soak inside `cargo test` (about 25 s): the sidecar binary
-//! under load while the fake Klavi cycles through every fault. The long
+//! under load, its token routes and its proxy, while the fake Klavi cycles
+//! through every fault and revokes tokens. The long
 //! run is `scripts/soak`; both use `klavi_sidecar_testkit::soak`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -49,6 +50,9 @@ async fn chaos_soak_keeps_every_guarantee() {
             backoff_max: Duration::from_secs(2),
             rss_growth_limit: 8 << 20,
             reject_every: Some(Duration::from_millis(700)),
+            proxy_base: sidecar.proxy_base.clone(),
+            proxy_clients: 4,
+            revoke_every: Some(Duration::from_millis(900)),
         },
         &fake,
         || soak::rss_of(pid),
@@ -68,4 +72,13 @@ async fn chaos_soak_keeps_every_guarantee() {
     );
     assert!(report.rss_start.is_some());
     assert!(report.rejections >= 10, "{}", report.summary());
+    // Proxied traffic ran throughout, revocations were replayed through.
+    assert!(report.proxied > 500, "{}", report.summary());
+    assert!(report.revocations >= 10, "{}", report.summary());
+    assert_eq!(
+        report.max_sends,
+        2,
+        "some replays, never a third send: {}",
+        report.summary()
+    );
 }

@@ -282,6 +282,12 @@ impl FakeKlavi {
         lock(&self.state.api_requests).iter().cloned().collect()
     }
 
+    /// The API calls received since the last take (up to 1024: take them
+    /// often), oldest first; the record is emptied.
+    pub fn take_api_requests(&self) -> Vec<ApiRequest> {
+        lock(&self.state.api_requests).drain(..).collect()
+    }
+
     /// Stops serving and closes every connection.
     pub async fn stop(self) {
         self.state.stop.cancel();

@@ -20,7 +20,15 @@
 //!    that often (as an app does after Klavi's 401), and no request that
 //!    starts after a report is answered with the reported token
 //!    (guarantee 11), whatever the fake does meanwhile (its `same` fault
-//!    sends the rejected token back).
+//!    sends the rejected token back);
+//! 7. with `proxy_clients`, requests through the default profile's proxy
+//!    (while `revoke_every` has the fake revoke the current token, so
+//!    Klavi answers 401 until the proxy replaces it) each get either
+//!    Klavi's answer (it carries `Klavi-Sidecar-Token`) or the sidecar's
+//!    error (`Klavi-Sidecar-Error` and its JSON body), never a broken
+//!    connection, and no proxied request reaches Klavi a third time
+//!    (guarantee 13; the fake's record of API calls is read throughout and
+//!    must account for every call it counted).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -57,6 +65,13 @@ pub struct SoakConfig {
     pub rss_growth_limit: u64,
     /// Report the current token rejected this often (`None`: never).
     pub reject_every: Option<Duration>,
+    /// `http://ADDR` of the default profile's proxy.
+    pub proxy_base: String,
+    /// Concurrent clients calling Klavi's API through the proxy.
+    pub proxy_clients: usize,
+    /// Have the fake revoke the token it issued last this often (`None`:
+    /// never).
+    pub revoke_every: Option<Duration>,
 }
 
 /// The faults cycled through, each followed by a healthy phase.
@@ -115,6 +130,14 @@ pub struct SoakReport {
     pub phases: u64,
     /// Tokens reported rejected.
     pub rejections: u64,
+    /// Requests through the proxy.
+    pub proxied: u64,
+    /// Their answers: `STATUS klavi` or `STATUS CODE` (the sidecar's).
+    pub proxied_answers: BTreeMap<String, u64>,
+    /// Tokens the fake revoked.
+    pub revocations: u64,
+    /// The most times Klavi saw one proxied request.
+    pub max_sends: u64,
     /// Slowest return to ready after a fault.
     pub worst_recovery: Duration,
     /// RSS after warm-up and at the end, bytes (if sampled).
@@ -147,6 +170,14 @@ impl SoakReport {
         }
         let _ = writeln!(out, "fault phases       {}", self.phases);
         let _ = writeln!(out, "tokens rejected    {}", self.rejections);
+        if self.proxied > 0 {
+            let _ = writeln!(out, "proxied            {}", self.proxied);
+            for (answer, n) in &self.proxied_answers {
+                let _ = writeln!(out, "proxied {answer:<24} {n}");
+            }
+            let _ = writeln!(out, "tokens revoked     {}", self.revocations);
+            let _ = writeln!(out, "most sends of one  {}", self.max_sends);
+        }
         let _ = writeln!(out, "upstream calls     {}", self.upstream_calls);
         let _ = writeln!(out, "max in flight      {}", self.max_in_flight);
         let _ = writeln!(out, "worst latency      {:?}", self.worst_latency);
@@ -185,6 +216,10 @@ struct Shared {
     /// Tokens reported rejected, and when the report was answered (`None`
     /// while it is on its way).
     rejected: Mutex<std::collections::HashMap<String, Option<Instant>>>,
+    /// Tokens the fake revoked: the proxy may drop them at any moment.
+    revoked: Mutex<std::collections::HashSet<String>>,
+    proxied: AtomicU64,
+    proxied_answers: Mutex<BTreeMap<String, u64>>,
     violations: Mutex<(Vec<String>, u64)>,
     stop: AtomicBool,
     /// The phase running, for the violation messages.
@@ -295,13 +330,19 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
-                // A token being reported rejected is no token held.
+                // A token being reported rejected is no token held, nor
+                // is one Klavi revoked (the proxy reports it any moment).
                 let held = last.filter(|(.., token)| {
                     !shared
                         .rejected
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .contains_key(token)
+                        && !shared
+                            .revoked
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .contains(token)
                 });
                 if let Some((answered, expire_at, _)) = held
                     && answered <= started
@@ -318,6 +359,120 @@ async fn client(http: reqwest::Client, url: String, config: Arc<SoakConfig>, sha
         }
         tokio::time::sleep(config.pacing).await;
     }
+}
+
+/// Calls Klavi's API through the proxy, each request to a path of its own
+/// (so the fake's record tells how often Klavi saw each), and checks that
+/// every answer is Klavi's or the sidecar's marked error.
+async fn proxy_client(
+    http: reqwest::Client,
+    id: usize,
+    config: Arc<SoakConfig>,
+    shared: Arc<Shared>,
+) {
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let url = format!(
+            "{}/payment/customer/v1/payments/soak-{id}-{n}",
+            config.proxy_base
+        );
+        let result = http
+            .post(&url)
+            .header("Klavi-Sidecar", "true")
+            .header("Content-Type", "application/json")
+            .body("{\"amount\":1}")
+            .send()
+            .await;
+        shared.proxied.fetch_add(1, Ordering::Relaxed);
+        let answer = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let (error, token) = (header("klavi-sidecar-error"), header("klavi-sidecar-token"));
+                let body = response.bytes().await;
+                match (error, token, body) {
+                    (None, Some(_), Ok(_)) => format!("{status} klavi"),
+                    (Some(code), None, Ok(body)) => {
+                        let said = serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|b| b["error"].as_str().map(str::to_string));
+                        if said.as_deref() != Some(code.as_str()) {
+                            shared.violation(format!(
+                                "proxied {status}: Klavi-Sidecar-Error {code} with body error {said:?}"
+                            ));
+                        }
+                        format!("{status} {code}")
+                    }
+                    (error, token, body) => {
+                        shared.violation(format!(
+                            "proxied {status}: neither Klavi's answer nor the sidecar's \
+                             (error {error:?}, token {token:?}, body read {})",
+                            body.is_ok()
+                        ));
+                        format!("{status} unmarked")
+                    }
+                }
+            }
+            Err(error) => {
+                shared.violation(format!("proxied request failed: {error}"));
+                "transport error".to_string()
+            }
+        };
+        *shared
+            .proxied_answers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(answer)
+            .or_default() += 1;
+        tokio::time::sleep(config.pacing).await;
+    }
+}
+
+/// Revokes the token the fake issued last every `every` (Klavi
+/// invalidating a token the sidecar holds); returns how many.
+async fn revoker(fake: &FakeKlavi, every: Duration, shared: &Shared) -> u64 {
+    let mut revoked = 0;
+    while !shared.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(every).await;
+        if let Some(token) = fake.last_token() {
+            shared
+                .revoked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(token.clone());
+            if fake.revoke(&token) {
+                revoked += 1;
+            }
+        }
+    }
+    revoked
+}
+
+/// Reads the fake's record of API calls until told to stop, counting how
+/// often each path was called; returns the calls read and the most calls
+/// of one path.
+async fn count_sends(fake: &FakeKlavi, stop: &AtomicBool) -> (u64, u64) {
+    let mut per_path: std::collections::HashMap<String, u64> = Default::default();
+    let mut read = 0;
+    loop {
+        let done = stop.load(Ordering::Relaxed);
+        for call in fake.take_api_requests() {
+            read += 1;
+            *per_path.entry(call.target).or_default() += 1;
+        }
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (read, per_path.values().copied().max().unwrap_or(0))
 }
 
 /// Reports the current token rejected every `every`, as an app does after
@@ -400,18 +555,17 @@ pub async fn run(
         .unwrap_or_default();
     let token_url = format!("{}/token", config.token_base);
     let ready_url = format!("{}/readyz", config.ops_base);
-    let mut report = SoakReport::default();
 
     // Ready before the load starts.
     if time_to_ready(&http, &ready_url, Duration::from_secs(10))
         .await
         .is_none()
     {
-        report
-            .violations
-            .push("the sidecar never became ready".into());
-        report.violation_count = 1;
-        return report;
+        return SoakReport {
+            violations: vec!["the sidecar never became ready".into()],
+            violation_count: 1,
+            ..SoakReport::default()
+        };
     }
     let clients: Vec<_> = (0..config.clients)
         .map(|_| {
@@ -433,6 +587,88 @@ pub async fn run(
         ))
     });
 
+    let proxy_clients: Vec<_> = (0..config.proxy_clients)
+        .map(|id| {
+            tokio::spawn(proxy_client(
+                http.clone(),
+                id,
+                Arc::clone(&config),
+                Arc::clone(&shared),
+            ))
+        })
+        .collect();
+    let counting_done = Arc::new(AtomicBool::new(false));
+    let revoking = async {
+        match config.revoke_every {
+            Some(every) => revoker(fake, every, &shared).await,
+            None => 0,
+        }
+    };
+    let counting = count_sends(fake, &counting_done);
+    let phases = async {
+        let report = cycle_faults(&config, fake, &http, &ready_url, &shared, &rss).await;
+        shared.stop.store(true, Ordering::Relaxed);
+        for client in clients {
+            let _ = client.await;
+        }
+        for client in proxy_clients {
+            let _ = client.await;
+        }
+        counting_done.store(true, Ordering::Relaxed);
+        report
+    };
+    let (mut report, revocations, (read, max_sends)) = tokio::join!(phases, revoking, counting);
+    report.revocations = revocations;
+    report.max_sends = max_sends;
+    report.proxied = shared.proxied.load(Ordering::Relaxed);
+    report.proxied_answers = shared
+        .proxied_answers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    if max_sends > 2 {
+        shared.violation(format!("a proxied request reached Klavi {max_sends} times"));
+    }
+    if read != fake.api_calls() {
+        shared.violation(format!(
+            "the fake counted {} API calls but its record held {read}: some went unchecked",
+            fake.api_calls()
+        ));
+    }
+    if let Some(rejecter) = rejecter {
+        report.rejections = rejecter.await.unwrap_or(0);
+    }
+    report.requests = shared.requests.load(Ordering::Relaxed);
+    report.ok = shared.ok.load(Ordering::Relaxed);
+    report.worst_latency = Duration::from_micros(shared.worst_latency_us.load(Ordering::Relaxed));
+    report.failures = shared
+        .failures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    report.upstream_calls = fake.calls();
+    report.max_in_flight = fake.max_in_flight();
+    let violations = shared
+        .violations
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    report.violations = violations.0.clone();
+    report.violation_count = violations.1;
+    report
+}
+
+/// Cycles the fake through [`fault_cycle`] until `config.duration` has
+/// passed, checking recovery after each fault and sampling RSS; the
+/// report's phases, recovery and memory figures.
+async fn cycle_faults(
+    config: &SoakConfig,
+    fake: &FakeKlavi,
+    http: &reqwest::Client,
+    ready_url: &str,
+    shared: &Shared,
+    rss: &impl Fn() -> Option<u64>,
+) -> SoakReport {
+    let mut report = SoakReport::default();
     let started = Instant::now();
     let mut peak = None::<u64>;
     let sample = |peak: &mut Option<u64>| {
@@ -468,7 +704,7 @@ pub async fn run(
         fake.set_chaos(None);
         fake.set_default(Outcome::token());
         let limit = config.backoff_max + Duration::from_secs(1);
-        match time_to_ready(&http, &ready_url, limit + Duration::from_secs(30)).await {
+        match time_to_ready(http, ready_url, limit + Duration::from_secs(30)).await {
             Some(took) => {
                 report.worst_recovery = report.worst_recovery.max(took);
                 if took > limit {
@@ -486,13 +722,6 @@ pub async fn run(
             ));
         }
     }
-    shared.stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        let _ = client.await;
-    }
-    if let Some(rejecter) = rejecter {
-        report.rejections = rejecter.await.unwrap_or(0);
-    }
     report.rss_end = sample(&mut peak);
     report.rss_peak = peak;
     // Warm: the last sample taken before a quarter of the run had passed.
@@ -509,23 +738,6 @@ pub async fn run(
     {
         shared.violation(format!("RSS grew from {start} to {end} bytes"));
     }
-
-    report.requests = shared.requests.load(Ordering::Relaxed);
-    report.ok = shared.ok.load(Ordering::Relaxed);
-    report.worst_latency = Duration::from_micros(shared.worst_latency_us.load(Ordering::Relaxed));
-    report.failures = shared
-        .failures
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    report.upstream_calls = fake.calls();
-    report.max_in_flight = fake.max_in_flight();
-    let violations = shared
-        .violations
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    report.violations = violations.0.clone();
-    report.violation_count = violations.1;
     report
 }
 
@@ -537,7 +749,8 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The sidecar binary under soak: `run` on two free loopback ports against
+/// The sidecar binary under soak: `run` on three free loopback ports (token
+/// API, ops, the default profile's proxy) against
 /// a fake Klavi, with the demo keys. Killed if dropped before
 /// [`Sidecar::stop`].
 #[derive(Debug)]
@@ -547,6 +760,8 @@ pub struct Sidecar {
     pub token_base: String,
     /// `http://ADDR` of the ops listener.
     pub ops_base: String,
+    /// `http://ADDR` of the default profile's proxy.
+    pub proxy_base: String,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -564,7 +779,7 @@ impl Sidecar {
         extra_env: &[(&str, &str)],
         stderr: std::process::Stdio,
     ) -> std::io::Result<Self> {
-        let (token, ops) = (free_port()?, free_port()?);
+        let (token, ops, proxy) = (free_port()?, free_port()?, free_port()?);
         let child = std::process::Command::new(binary)
             .args([
                 "run",
@@ -583,6 +798,10 @@ impl Sidecar {
                 klavi_token_sidecar::fake_klavi::DEMO_SECRET_KEY,
             )
             .env("KLAVI_SIDECAR_KLAVI__BASE_URL", klavi_base_url)
+            .env(
+                "KLAVI_SIDECAR_KLAVI__PROXY_LISTEN",
+                format!("127.0.0.1:{proxy}"),
+            )
             .envs(extra_env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -592,6 +811,7 @@ impl Sidecar {
             child: Some(child),
             token_base: format!("http://127.0.0.1:{token}"),
             ops_base: format!("http://127.0.0.1:{ops}"),
+            proxy_base: format!("http://127.0.0.1:{proxy}"),
         })
     }
 
