@@ -8,13 +8,16 @@
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use klavi_sidecar_testkit::bench::{
+    Error, Proc, Run, Wrk, clock_ticks_per_second, free_addr, get, median, rss_kib, status_kib,
+    wait_for,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -58,183 +61,15 @@ struct Args {
     baseline_bin: Option<PathBuf>,
 }
 
-type Error = Box<dyn std::error::Error>;
-
-/// A child process, stopped (SIGTERM, then kill) when dropped.
-struct Proc {
-    child: Child,
-    name: &'static str,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command) -> Result<Self, Error> {
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        Ok(Self { child, name })
+/// `GET /token` at `addr` with `connections`, as `args` say.
+fn load(args: &Args, addr: SocketAddr, connections: u32) -> Wrk {
+    Wrk {
+        url: format!("http://{addr}/token"),
+        connections,
+        threads: args.wrk_threads.min(connections),
+        seconds: args.seconds,
+        headers: vec!["Klavi-Sidecar: true".into()],
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("bench: {} did not stop on SIGTERM; killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> Result<SocketAddr, Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// One HTTP/1.1 GET; returns (status, body).
-fn get(addr: SocketAddr, path: &str, header: bool) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let extra = if header {
-        "Klavi-Sidecar: true\r\n"
-    } else {
-        ""
-    };
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n"
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let status = std::str::from_utf8(response.get(9..12).unwrap_or_default())
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or_else(Vec::new, |i| response[i + 4..].to_vec());
-    Ok((status, body))
-}
-
-fn wait_for(addr: SocketAddr, path: &str, limit: Duration) -> Result<Duration, Error> {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if matches!(get(addr, path, true), Ok((200, _))) {
-            return Ok(started.elapsed());
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    Err(format!("{addr}{path} not 200 within {limit:?}").into())
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// User plus system CPU time of `pid`, in clock ticks (1/100 s on Linux).
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
-    };
-    // Fields after the command name (which may contain spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-#[derive(Debug, Clone, Default)]
-struct Run {
-    rps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    p999_us: f64,
-    cpu_us_per_request: f64,
-    errors: u64,
-}
-
-fn wrk(args: &Args, addr: SocketAddr, connections: u32, pid: u32, tick: f64) -> Result<Run, Error> {
-    let before = cpu_ticks(pid);
-    let output = Command::new("wrk")
-        .args([
-            "-t",
-            &args.wrk_threads.min(connections).to_string(),
-            "-c",
-            &connections.to_string(),
-            "-d",
-            &format!("{}s", args.seconds),
-            "-H",
-            "Klavi-Sidecar: true",
-            "-s",
-            "scripts/wrk-report.lua",
-            &format!("http://{addr}/token"),
-        ])
-        .output()?;
-    let after = cpu_ticks(pid);
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("RESULT "))
-        .ok_or_else(|| format!("no RESULT from wrk: {text}"))?;
-    let fields: BTreeMap<&str, f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
-        .collect();
-    let value = |k: &str| fields.get(k).copied().unwrap_or(0.0);
-    let requests = value("requests").max(1.0);
-    Ok(Run {
-        rps: requests / (value("duration_us") / 1e6),
-        p50_us: value("p50"),
-        p99_us: value("p99"),
-        p999_us: value("p999"),
-        cpu_us_per_request: (after.saturating_sub(before)) as f64 / tick * 1e6 / requests,
-        errors: value("errors") as u64,
-    })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn sidecar_command(
@@ -439,11 +274,11 @@ fn main() -> Result<(), Error> {
             ..Args::parse()
         };
         for (_, addr, proc) in &contestants {
-            wrk(&warm, *addr, connections, proc.pid(), tick)?;
+            load(&warm, *addr, connections).run(&[proc.pid()], tick)?;
         }
         for round in 1..=args.rounds {
             for (name, addr, proc) in &contestants {
-                let run = wrk(&args, *addr, connections, proc.pid(), tick)?;
+                let run = load(&args, *addr, connections).run(&[proc.pid()], tick)?;
                 eprintln!(
                     "  c={connections:<3} round {round} {name:<9} {:>9.0} req/s  p50 {:>5.0} µs  p99 {:>5.0} µs  p99.9 {:>6.0} µs  cpu {:>5.2} µs/req  errors {}",
                     run.rps,

@@ -587,14 +587,9 @@ impl ProfileMetrics {
             .inc();
     }
 
-    /// Creates the proxy's series at zero (a profile with a proxy
-    /// listener), so dashboards see it before the first request.
-    pub fn proxied(&self) {
-        let _ = self.families.proxy_duration.get_or_create(&self.label());
-    }
-
-    /// Counts a proxied request answered `status`, and its duration.
-    pub fn proxy_request(&self, status: u16, outcome: ProxyOutcome, took: Duration) {
+    /// The counter of proxied requests answered `status` with `outcome`,
+    /// to keep and increment without a lookup (the proxy's common case).
+    pub fn proxy_counter(&self, status: u16, outcome: ProxyOutcome) -> Counter {
         self.families
             .proxy_requests
             .get_or_create(&ProxyLabels {
@@ -602,11 +597,15 @@ impl ProfileMetrics {
                 status,
                 outcome: outcome.label(),
             })
-            .inc();
+            .clone()
+    }
+
+    /// The histogram of proxied requests' durations, to keep.
+    pub fn proxy_histogram(&self) -> Histogram {
         self.families
             .proxy_duration
             .get_or_create(&self.label())
-            .observe(took.as_secs_f64());
+            .clone()
     }
 
     /// Counts a current token reported rejected.

@@ -9,6 +9,7 @@
 //! one replacement however many requests saw the 401 at once.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -27,12 +28,15 @@ use super::deadline::DeadlineBody;
 use super::headers;
 use super::target::{TargetError, upstream_uri};
 use crate::cache::store::{Rejection, Served, Unavailable, UnavailableReason};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::ops::metrics::ProxyOutcome;
 use crate::profile::Profile;
+use crate::secret::TokenDigest;
 use crate::serve::http::{ApiError, Guard};
 
-/// What marks an answer as the sidecar's own, not Klavi's: its error code.
-pub const SIDECAR_ERROR: http::HeaderName = http::HeaderName::from_static("klavi-sidecar-error");
+pub use super::headers::SIDECAR_ERROR;
 
 /// Response headers that carry Klavi's id for a request, in the order
 /// looked for; the first found goes in the access log.
@@ -55,6 +59,19 @@ pub struct Forwarder {
     max_body_bytes: usize,
     timeout: Duration,
     access_log: bool,
+    /// The proxy's metric handles kept for every request.
+    counted: Counted,
+    /// The `Authorization` value of the last token sent.
+    bearer: std::sync::Mutex<Option<(TokenDigest, HeaderValue)>>,
+}
+
+/// The metric handles every request uses, kept (created at zero with
+/// the listener, so dashboards see the proxy before its first request).
+#[derive(Debug)]
+struct Counted {
+    /// 200 from Klavi, no replay: most requests.
+    forwarded_ok: Counter,
+    duration: Histogram,
 }
 
 /// The settings of one profile's proxy.
@@ -85,8 +102,13 @@ impl Forwarder {
             (Some(host), None) => host.to_string(),
             (None, _) => return None,
         };
-        profile.metrics().proxied();
+        let metrics = profile.metrics();
+        let counted = Counted {
+            forwarded_ok: metrics.proxy_counter(200, ProxyOutcome::Forwarded),
+            duration: metrics.proxy_histogram(),
+        };
         Some(Self {
+            counted,
             profile,
             host: HeaderValue::from_str(&host).ok()?,
             base: config.base,
@@ -95,6 +117,7 @@ impl Forwarder {
             max_body_bytes: config.max_body_bytes,
             timeout: config.timeout,
             access_log: config.access_log,
+            bearer: std::sync::Mutex::new(None),
         })
     }
 
@@ -141,10 +164,17 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
     let answer = forwarder.answer(request, started).await;
     let took = started.elapsed();
     let status = answer.response.status().as_u16();
-    forwarder
-        .profile
-        .metrics()
-        .proxy_request(status, answer.outcome, took);
+    let counted = &forwarder.counted;
+    if status == 200 && answer.outcome == ProxyOutcome::Forwarded {
+        counted.forwarded_ok.inc();
+    } else {
+        forwarder
+            .profile
+            .metrics()
+            .proxy_counter(status, answer.outcome)
+            .inc();
+    }
+    counted.duration.observe(took.as_secs_f64());
     if forwarder.access_log {
         let request_id = REQUEST_ID_HEADERS
             .iter()
@@ -185,6 +215,9 @@ fn logged(text: &str) -> &str {
 }
 
 impl Forwarder {
+    /// One deadline for the whole exchange (one timer): reading the app's
+    /// body, the token, the request, a replay. Which step it caught says
+    /// whose fault it was: the app's slow body (408) or Klavi (504).
     async fn answer(&self, request: Request, started: Instant) -> Answer {
         let deadline = started + self.timeout;
         let uri = match upstream_uri(&self.base, request.method(), request.uri()) {
@@ -198,20 +231,26 @@ impl Forwarder {
         {
             return Answer::sidecar(refused);
         }
-        let (parts, body) = request.into_parts();
-        let body = match tokio::time::timeout_at(deadline, read_body(body)).await {
-            Ok(Ok(body)) => body,
-            Ok(Err(error)) => return Answer::sidecar(error),
-            Err(_) => return Answer::sidecar(ApiError::RequestTimeout),
+        let body_read = AtomicBool::new(false);
+        let exchange = async {
+            let (parts, body) = request.into_parts();
+            let body = read_body(body).await?;
+            body_read.store(true, Ordering::Relaxed);
+            self.exchange(&parts, &uri, body, deadline).await
         };
-        match self.exchange(&parts, &uri, body, deadline).await {
-            Ok(answer) => answer,
-            Err(error) => Answer::sidecar(error),
+        match tokio::time::timeout_at(deadline, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => Answer::sidecar(error),
+            Err(_) if body_read.load(Ordering::Relaxed) => {
+                Answer::sidecar(ApiError::UpstreamTimeout)
+            }
+            Err(_) => Answer::sidecar(ApiError::RequestTimeout),
         }
     }
 
     /// The request sent with a token, and once more with a fresh one if
-    /// Klavi answers 401.
+    /// Klavi answers 401 (the caller bounds it by `deadline`; the body of
+    /// the answer passed on is bounded by it too).
     async fn exchange(
         &self,
         parts: &Parts,
@@ -220,26 +259,21 @@ impl Forwarder {
         deadline: Instant,
     ) -> Result<Answer, ApiError> {
         let store = self.profile.store();
-        let first = within(deadline, self.token()).await?;
-        let response = within(deadline, self.send(parts, uri, &first, body.clone())).await?;
+        let first = self.token().await?;
+        let response = self.send(parts, uri, &first, body.clone()).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(self.pass(response, &first, ProxyOutcome::Forwarded, deadline));
         }
         // Klavi refused the token: read what little it said, so the
         // connection can carry the replay, then replay once.
-        let _ = tokio::time::timeout_at(
-            deadline,
-            Limited::new(response.into_body(), DRAINED_MAX).collect(),
-        )
-        .await;
+        let _ = Limited::new(response.into_body(), DRAINED_MAX)
+            .collect()
+            .await;
         let second = if store.is_single_use() {
             let _ = store.reject(first.digest());
-            within(deadline, self.token()).await?
+            self.token().await?
         } else {
-            let (rejection, replacement) =
-                tokio::time::timeout_at(deadline, store.replace_rejected(first.digest()))
-                    .await
-                    .map_err(|_| ApiError::UpstreamTimeout)?;
+            let (rejection, replacement) = store.replace_rejected(first.digest()).await;
             self.report(rejection, &first);
             replacement.map_err(ApiError::TokenUnavailable)?
         };
@@ -252,7 +286,7 @@ impl Forwarder {
                 retry_after: Duration::from_secs(1),
             }));
         }
-        let response = within(deadline, self.send(parts, uri, &second, body)).await?;
+        let response = self.send(parts, uri, &second, body).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             // Refused too: that token is not used again either (its
             // replacement is fetched for the next request, not awaited).
@@ -281,9 +315,34 @@ impl Forwarder {
         let served = if store.is_single_use() {
             store.lease(Duration::ZERO).await.map(|(served, _)| served)
         } else {
-            store.token_with(Duration::ZERO).await
+            let now = Instant::now();
+            match store.servable(now) {
+                // The common case, without the wait's bookkeeping.
+                Some(token) => Ok(Served { token, at: now }),
+                None => store.token_with(Duration::ZERO).await,
+            }
         };
         served.map_err(|u: Unavailable| ApiError::TokenUnavailable(u))
+    }
+
+    /// `Bearer <token>`, built once per token (the last one is kept).
+    fn bearer(&self, token: &Served) -> Result<HeaderValue, ApiError> {
+        let mut last = self
+            .bearer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((digest, value)) = last.as_ref()
+            && digest == token.digest()
+        {
+            return Ok(value.clone());
+        }
+        // A token that is no header value (Klavi's are JWTs) cannot be
+        // sent; nothing leaves.
+        let mut value = HeaderValue::try_from(format!("Bearer {}", token.value().expose()))
+            .map_err(|_| ApiError::UpstreamUnreachable)?;
+        value.set_sensitive(true);
+        *last = Some((*token.digest(), value.clone()));
+        Ok(value)
     }
 
     /// Sends the request to Klavi with `token`.
@@ -294,9 +353,7 @@ impl Forwarder {
         token: &Served,
         body: Bytes,
     ) -> Result<http::Response<Incoming>, ApiError> {
-        let mut bearer = HeaderValue::try_from(format!("Bearer {}", token.value().expose()))
-            .map_err(|_| ApiError::UpstreamUnreachable)?;
-        bearer.set_sensitive(true);
+        let bearer = self.bearer(token)?;
         let mut request = http::Request::new(Full::new(body));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri.clone();
@@ -323,26 +380,12 @@ impl Forwarder {
         let (parts, body) = response.into_parts();
         let mut answer = Response::new(Body::new(DeadlineBody::new(body, deadline)));
         *answer.status_mut() = parts.status;
-        *answer.headers_mut() = headers::to_app(&parts.headers, token.fingerprint());
+        *answer.headers_mut() = headers::to_app(parts.headers, token.fingerprint());
         Answer {
             response: answer,
             outcome,
             fingerprint: Some(token.fingerprint().to_string()),
         }
-    }
-}
-
-/// `future`'s result, or 504 `upstream_timeout` at `deadline`.
-async fn within<T, E>(
-    deadline: Instant,
-    future: impl Future<Output = Result<T, E>>,
-) -> Result<T, ApiError>
-where
-    ApiError: From<E>,
-{
-    match tokio::time::timeout_at(deadline, future).await {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(_) => Err(ApiError::UpstreamTimeout),
     }
 }
 
@@ -361,5 +404,65 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
             }
             Err(ApiError::BodyUnreadable)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_text_is_cut_at_a_character_boundary() {
+        let long_ascii = "a".repeat(300);
+        let multibyte = format!("{}é", "a".repeat(LOGGED_MAX - 1));
+        // (text, logged length)
+        let cases: [(&str, usize); 4] = [
+            ("/payment/customer/v1/payments", 29),
+            ("", 0),
+            (&long_ascii, LOGGED_MAX),
+            // 'é' takes two bytes and would straddle the limit.
+            (&multibyte, LOGGED_MAX - 1),
+        ];
+        for (text, len) in cases {
+            assert_eq!(logged(text).len(), len, "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_and_broken_ones_are_told_apart() {
+        // What tower-http's limit layer hands the handler: the body
+        // wrapped in http-body-util's Limited.
+        let read = |limit: usize, body: Body| async move {
+            read_body(Body::new(Limited::new(body, limit)))
+                .await
+                .map(|b| b.len())
+        };
+        let stream = |chunks: Vec<Result<Bytes, std::io::Error>>| {
+            let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(8);
+            tokio::spawn(async move {
+                for chunk in chunks {
+                    match chunk {
+                        Ok(bytes) => {
+                            let _ = tx.send_data(bytes).await;
+                        }
+                        Err(error) => {
+                            tx.abort(error);
+                            return;
+                        }
+                    }
+                }
+            });
+            Body::new(body)
+        };
+        let ok = |n: usize| Ok(Bytes::from(vec![b'x'; n]));
+        assert_eq!(read(10, stream(vec![ok(4), ok(6)])).await, Ok(10));
+        assert_eq!(
+            read(10, stream(vec![ok(4), ok(7)])).await,
+            Err(ApiError::ProxyBodyTooLarge)
+        );
+        assert_eq!(
+            read(10, stream(vec![ok(4), Err(std::io::Error::other("gone"))])).await,
+            Err(ApiError::BodyUnreadable)
+        );
     }
 }

@@ -16,6 +16,9 @@ use crate::serve::http::REQUIRED_HEADER;
 /// The token's fingerprint on every proxied response.
 pub const TOKEN_FINGERPRINT: HeaderName = HeaderName::from_static("klavi-sidecar-token");
 
+/// What marks an answer as the sidecar's own, not Klavi's: its error code.
+pub const SIDECAR_ERROR: HeaderName = HeaderName::from_static("klavi-sidecar-error");
+
 /// Hop-by-hop headers besides those `Connection` names.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -28,8 +31,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// `headers` without the hop-by-hop ones.
-fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+/// Drops the hop-by-hop headers from `headers`, in place.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -37,13 +40,9 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         .flat_map(|value| value.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        if !HOP_BY_HOP.contains(name) && !named.contains(name) {
-            kept.append(name.clone(), value.clone());
-        }
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
     }
-    kept
 }
 
 /// The headers of a request forwarded to Klavi at `host`, carrying
@@ -52,7 +51,9 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
 /// `Expect: 100-continue` is dropped too: the sidecar has already read
 /// the body (it answered the expectation itself), and sends it whole.
 pub fn to_klavi(app: &HeaderMap, host: HeaderValue, bearer: HeaderValue) -> HeaderMap {
-    let mut headers = end_to_end(app);
+    // A copy: the app's headers are kept for a replay.
+    let mut headers = app.clone();
+    strip_hop_by_hop(&mut headers);
     headers.remove(REQUIRED_HEADER);
     headers.remove(header::EXPECT);
     headers.insert(header::HOST, host);
@@ -61,9 +62,12 @@ pub fn to_klavi(app: &HeaderMap, host: HeaderValue, bearer: HeaderValue) -> Head
 }
 
 /// The headers of Klavi's response passed to the app, with the token's
-/// `fingerprint`.
-pub fn to_app(klavi: &HeaderMap, fingerprint: &str) -> HeaderMap {
-    let mut headers = end_to_end(klavi);
+/// `fingerprint`. The sidecar's own headers are its to set: a
+/// `Klavi-Sidecar-Error` from upstream would make Klavi's answer look like
+/// the sidecar's, so it is dropped.
+pub fn to_app(mut headers: HeaderMap, fingerprint: &str) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    headers.remove(SIDECAR_ERROR);
     if let Ok(value) = HeaderValue::from_str(fingerprint) {
         headers.insert(TOKEN_FINGERPRINT, value);
     }
@@ -185,9 +189,11 @@ mod tests {
             ("x-request-id", "r-1"),
             ("set-cookie", "a=1"),
             ("set-cookie", "b=2"),
+            ("klavi-sidecar-error", "upstream_timeout"),
+            ("klavi-sidecar-token", "00000000"),
         ]);
         assert_eq!(
-            pairs(&to_app(&klavi, "ba7816bf")),
+            pairs(&to_app(klavi, "ba7816bf")),
             sorted(&[
                 ("content-type", "application/json"),
                 ("x-request-id", "r-1"),

@@ -329,7 +329,7 @@ async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported() {
     );
     let used: std::collections::BTreeSet<String> = rules.union(&dashboard).cloned().collect();
     // With a single_use profile too, whose lease series a shared one
-    // lacks; its Klavi is a closed port, so the fake still sees one
+    // lacks, and a proxy; the single_use profile's Klavi is a closed port, so the fake still sees one
     // profile's requests only.
     let app = TestApp::spawn_env(&[
         (
@@ -340,6 +340,8 @@ async fn every_metric_the_alert_rules_and_the_dashboard_use_is_exported() {
         ("KLAVI_SIDECAR_PROFILES__PAY__ACCESS_KEY", "demo-access-key"),
         ("KLAVI_SIDECAR_PROFILES__PAY__SECRET_KEY", "demo-secret-key"),
         ("KLAVI_SIDECAR_PROFILES__PAY__MODE", "single_use"),
+        // And a proxy, whose series exist from the start.
+        ("KLAVI_SIDECAR_KLAVI__PROXY_LISTEN", "127.0.0.1:0"),
     ])
     .await;
     let response = app.http.get(app.ops_url("/metrics")).send().await.unwrap();
