@@ -186,16 +186,19 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
             .headers()
             .get(SIDECAR_ERROR)
             .and_then(|v| v.to_str().ok());
+        // Display (`%`) rather than the quoted, escaped form: this line is
+        // written for every request, and none of these values needs
+        // quoting (a path has no spaces, the rest are codes and hex).
         tracing::info!(
-            profile = forwarder.profile.name(),
+            profile = %forwarder.profile.name(),
             method = %method,
-            path,
+            path = %path,
             status,
             duration_ms = took.as_millis() as u64,
-            token = answer.fingerprint.as_deref().unwrap_or("none"),
+            token = %answer.fingerprint.as_deref().unwrap_or("none"),
             replayed = answer.outcome == ProxyOutcome::Replayed,
             klavi_request_id = request_id.unwrap_or_default(),
-            sidecar_error = error.unwrap_or_default(),
+            sidecar_error = %error.unwrap_or("none"),
             "proxied"
         );
     }
