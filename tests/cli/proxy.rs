@@ -9,7 +9,7 @@ use klavi_token_sidecar::fake_klavi::{ApiReply, ApiRequest, FakeKlavi, FakeKlavi
 use klavi_token_sidecar::secret::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::sidecar::{HEADER, Sidecar};
+use super::sidecar::Sidecar;
 use super::*;
 
 /// A response as the raw bytes came: status, headers in order, body.
@@ -230,9 +230,7 @@ async fn bodies_are_byte_exact_up_to_the_limit() {
             body: Bytes::from(body.iter().rev().copied().collect::<Vec<u8>>()),
         }]);
         let response = app
-            .http
-            .put(app.proxied("/bin"))
-            .header(HEADER.0, HEADER.1)
+            .via_proxy(reqwest::Method::PUT, "/bin")
             .body(body.clone())
             .send()
             .await
@@ -260,9 +258,7 @@ async fn bodies_are_byte_exact_up_to_the_limit() {
     // Declared over the limit: refused before the body is read.
     let over = vec![b'x'; 65537];
     let response = app
-        .http
-        .post(app.proxied("/over"))
-        .header(HEADER.0, HEADER.1)
+        .via_proxy(reqwest::Method::POST, "/over")
         .body(over.clone())
         .send()
         .await
@@ -329,9 +325,7 @@ async fn a_slow_response_streams_to_the_app() {
         gap: Duration::from_secs(600),
     }]);
     let mut response = app
-        .http
-        .get(app.proxied("/stream"))
-        .header(HEADER.0, HEADER.1)
+        .via_proxy(reqwest::Method::GET, "/stream")
         .send()
         .await
         .unwrap();
@@ -361,9 +355,7 @@ async fn a_401_is_replayed_once_with_a_fresh_token() {
     assert!(fake.revoke(&first));
     let skip = fake.api_requests().len();
     let response = app
-        .http
-        .post(app.proxied("/payment/customer/v1/payments"))
-        .header(HEADER.0, HEADER.1)
+        .via_proxy(reqwest::Method::POST, "/payment/customer/v1/payments")
         .body("{\"amount\":5}")
         .send()
         .await
@@ -406,9 +398,7 @@ async fn a_401_is_replayed_once_with_a_fresh_token() {
     let auth_before = fake.calls();
     fake.push_api([ApiReply::status(401), ApiReply::status(401)]);
     let response = app
-        .http
-        .get(app.proxied("/payment/customer/v1/payments/1"))
-        .header(HEADER.0, HEADER.1)
+        .via_proxy(reqwest::Method::GET, "/payment/customer/v1/payments/1")
         .send()
         .await
         .unwrap();
@@ -471,9 +461,7 @@ async fn nothing_but_a_401_is_ever_replayed() {
         let skip = fake.api_requests().len();
         fake.push_api([reply]);
         let response = app
-            .http
-            .post(app.proxied("/payment/customer/v1/payments"))
-            .header(HEADER.0, HEADER.1)
+            .via_proxy(reqwest::Method::POST, "/payment/customer/v1/payments")
             .body("{\"amount\":7}")
             .send()
             .await
@@ -499,9 +487,7 @@ async fn nothing_but_a_401_is_ever_replayed() {
     let fake_addr = fake.addr();
     fake.stop().await;
     let response = app
-        .http
-        .get(app.proxied("/payment/customer/v1/payments"))
-        .header(HEADER.0, HEADER.1)
+        .via_proxy(reqwest::Method::GET, "/payment/customer/v1/payments")
         .send()
         .await
         .unwrap();
@@ -530,9 +516,10 @@ async fn two_hundred_concurrent_requests_share_one_token_and_one_replacement() {
                 let app = Arc::clone(&app);
                 tasks.spawn(async move {
                     let response = app
-                        .http
-                        .post(app.proxied(&format!("/payment/customer/v1/payments/{round}-{i}")))
-                        .header(HEADER.0, HEADER.1)
+                        .via_proxy(
+                            reqwest::Method::POST,
+                            &format!("/payment/customer/v1/payments/{round}-{i}"),
+                        )
                         .body(format!("{{\"n\":{i}}}"))
                         .send()
                         .await
@@ -593,9 +580,7 @@ async fn a_single_use_profile_leases_a_token_per_request() {
         let app = Arc::clone(&app);
         tasks.spawn(async move {
             let response = app
-                .http
-                .post(app.proxied("/payment/customer/v1/payments"))
-                .header(HEADER.0, HEADER.1)
+                .via_proxy(reqwest::Method::POST, "/payment/customer/v1/payments")
                 .body(format!("{{\"n\":{i}}}"))
                 .send()
                 .await
@@ -725,9 +710,7 @@ async fn hostile_clients_cannot_stop_the_proxy() {
         held.push(stream);
     }
     let response = app
-        .http
-        .get(app.proxied("/payment/customer/v1/payments"))
-        .header(HEADER.0, HEADER.1)
+        .via_proxy(reqwest::Method::GET, "/payment/customer/v1/payments")
         .send()
         .await
         .unwrap();
@@ -767,9 +750,10 @@ async fn a_klavi_that_refuses_every_token_is_not_stormed() {
             let mut answers = Vec::new();
             for i in 0..10 {
                 let response = app
-                    .http
-                    .post(app.proxied(&format!("/payment/customer/v1/payments/{lane}-{i}")))
-                    .header(HEADER.0, HEADER.1)
+                    .via_proxy(
+                        reqwest::Method::POST,
+                        &format!("/payment/customer/v1/payments/{lane}-{i}"),
+                    )
                     .send()
                     .await
                     .unwrap();

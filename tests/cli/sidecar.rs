@@ -41,6 +41,13 @@ impl Sidecar {
         )
     }
 
+    /// A request to `path` through the proxy, with the guard's header.
+    pub fn via_proxy(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.proxied(path))
+            .header(HEADER.0, HEADER.1)
+    }
+
     pub async fn start(fake: &FakeKlavi, env: &[(&str, &str)]) -> Self {
         let (token, ops) = (
             format!("127.0.0.1:{}", free_port()),
