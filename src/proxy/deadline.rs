@@ -23,6 +23,8 @@ pub struct DeadlinePassed;
 pub struct DeadlineBody<B> {
     inner: Pin<Box<B>>,
     sleep: Pin<Box<Sleep>>,
+    /// The profile to name in a warning when the body fails.
+    profile: Option<String>,
 }
 
 impl<B> DeadlineBody<B> {
@@ -31,6 +33,25 @@ impl<B> DeadlineBody<B> {
         Self {
             inner: Box::pin(inner),
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            profile: None,
+        }
+    }
+
+    /// Logs a warning naming `profile` when the body fails or is cut off:
+    /// the access line was written at the head, with its status, and
+    /// would not say the app got a truncated answer.
+    pub fn on_error(mut self, profile: &str) -> Self {
+        self.profile = Some(profile.to_string());
+        self
+    }
+
+    fn warn(&self, error: &dyn std::fmt::Display) {
+        if let Some(profile) = &self.profile {
+            tracing::warn!(
+                profile = %profile,
+                %error,
+                "a proxied response was cut off before its end; the app got it truncated"
+            );
         }
     }
 }
@@ -48,10 +69,19 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         if let Poll::Ready(frame) = self.inner.as_mut().poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(frame.map(|f| {
+                f.map_err(|error| {
+                    let error: Self::Error = error.into();
+                    self.warn(&error);
+                    error
+                })
+            }));
         }
         match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(DeadlinePassed)))),
+            Poll::Ready(()) => {
+                self.warn(&DeadlinePassed);
+                Poll::Ready(Some(Err(Box::new(DeadlinePassed))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -164,6 +164,13 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
     let answer = forwarder.answer(request, started).await;
     let took = started.elapsed();
     let status = answer.response.status().as_u16();
+    // A status with no registered meaning counts as 0: whatever Klavi
+    // sends, the label's values stay few.
+    let label = if answer.response.status().canonical_reason().is_some() {
+        status
+    } else {
+        0
+    };
     let counted = &forwarder.counted;
     if status == 200 && answer.outcome == ProxyOutcome::Forwarded {
         counted.forwarded_ok.inc();
@@ -171,7 +178,7 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
         forwarder
             .profile
             .metrics()
-            .proxy_counter(status, answer.outcome)
+            .proxy_counter(label, answer.outcome)
             .inc();
     }
     counted.duration.observe(took.as_secs_f64());
@@ -233,6 +240,9 @@ impl Forwarder {
                 .refusal(request.version(), request.uri(), request.headers())
         {
             return Answer::sidecar(refused);
+        }
+        if !plain_chunked(request.headers()) {
+            return Answer::sidecar(ApiError::UnsupportedTransferCoding);
         }
         let body_read = AtomicBool::new(false);
         let exchange = async {
@@ -361,13 +371,23 @@ impl Forwarder {
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri.clone();
         *request.headers_mut() = headers::to_klavi(&parts.headers, self.host.clone(), bearer);
-        self.client.send(request).await.map_err(|error| {
+        let response = self.client.send(request).await.map_err(|error| {
             tracing::warn!(profile = self.profile.name(), %error, "proxied request got no answer from Klavi");
             match error {
                 SendError::Unreachable(_) => ApiError::UpstreamUnreachable,
                 SendError::Failed(_) => ApiError::UpstreamFailed,
             }
-        })
+        })?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // The proxy tunnels nothing, and the app asked for no upgrade
+            // (Upgrade is not forwarded): not an answer to pass on.
+            tracing::warn!(
+                profile = self.profile.name(),
+                "Klavi answered 101 Switching Protocols to a proxied request; answered 502"
+            );
+            return Err(ApiError::UpstreamFailed);
+        }
+        Ok(response)
     }
 
     /// Klavi's answer for the app: its headers (hop-by-hop ones dropped,
@@ -381,7 +401,8 @@ impl Forwarder {
         deadline: Instant,
     ) -> Answer {
         let (parts, body) = response.into_parts();
-        let mut answer = Response::new(Body::new(DeadlineBody::new(body, deadline)));
+        let body = DeadlineBody::new(body, deadline).on_error(self.profile.name());
+        let mut answer = Response::new(Body::new(body));
         *answer.status_mut() = parts.status;
         *answer.headers_mut() = headers::to_app(parts.headers, token.fingerprint());
         Answer {
@@ -390,6 +411,21 @@ impl Forwarder {
             fingerprint: Some(token.fingerprint().to_string()),
         }
     }
+}
+
+/// Whether the request's transfer coding, if any, is plain `chunked`:
+/// hyper removes the chunking, and any other coding (`gzip, chunked`)
+/// would reach Klavi undeclared once the header is dropped.
+fn plain_chunked(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .all(|value| {
+            value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        })
 }
 
 /// The whole request body (the router's limit layer caps it at
@@ -467,5 +503,33 @@ mod tests {
             read(10, stream(vec![ok(4), Err(std::io::Error::other("gone"))])).await,
             Err(ApiError::BodyUnreadable)
         );
+    }
+}
+
+#[cfg(test)]
+mod transfer_coding_tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_chunked_is_accepted() {
+        // (Transfer-Encoding values, accepted)
+        let cases: [(&[&str], bool); 6] = [
+            (&[], true),
+            (&["chunked"], true),
+            (&[" Chunked "], true),
+            (&["gzip, chunked"], false),
+            (&["gzip", "chunked"], false),
+            (&["identity"], false),
+        ];
+        for (values, accepted) in cases {
+            let mut headers = http::HeaderMap::new();
+            for value in values {
+                headers.append(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_static(value),
+                );
+            }
+            assert_eq!(plain_chunked(&headers), accepted, "{values:?}");
+        }
     }
 }

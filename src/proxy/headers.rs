@@ -65,7 +65,14 @@ pub fn to_klavi(app: &HeaderMap, host: HeaderValue, bearer: HeaderValue) -> Head
 /// `fingerprint`. The sidecar's own headers are its to set: a
 /// `Klavi-Sidecar-Error` from upstream would make Klavi's answer look like
 /// the sidecar's, so it is dropped.
+///
+/// A `Content-Length` beside `Transfer-Encoding` is dropped too (RFC 9112
+/// §6.3): the chunked body is what counts, and hyper would otherwise frame
+/// the de-chunked body by the stale length and cut it.
 pub fn to_app(mut headers: HeaderMap, fingerprint: &str) -> HeaderMap {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut headers);
     headers.remove(SIDECAR_ERROR);
     if let Ok(value) = HeaderValue::from_str(fingerprint) {
@@ -178,6 +185,27 @@ mod tests {
             let forwarded = to_klavi(&map(&sent), host.clone(), bearer.clone());
             assert_eq!(pairs(&forwarded), sorted(&expected), "{sent:?}");
         }
+    }
+
+    #[test]
+    fn a_length_beside_a_transfer_coding_is_dropped() {
+        let klavi = map(&[
+            ("content-length", "1"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/plain"),
+        ]);
+        assert_eq!(
+            pairs(&to_app(klavi, "ba7816bf")),
+            sorted(&[
+                ("content-type", "text/plain"),
+                ("klavi-sidecar-token", "ba7816bf"),
+            ])
+        );
+        let plain = map(&[("content-length", "5")]);
+        assert_eq!(
+            pairs(&to_app(plain, "ba7816bf")),
+            sorted(&[("content-length", "5"), ("klavi-sidecar-token", "ba7816bf")])
+        );
     }
 
     #[test]

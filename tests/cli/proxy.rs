@@ -449,6 +449,8 @@ async fn nothing_but_a_401_is_ever_replayed() {
         (ApiReply::status(500), 500, None),
         (ApiReply::status(503), 503, None),
         (ApiReply::status(403), 403, None),
+        // A status with no registered meaning passes, counted as 0.
+        (ApiReply::status(599), 599, None),
         (ApiReply::Reset, 502, Some("upstream_failed")),
         (
             ApiReply::Delay(Duration::from_secs(5)),
@@ -482,6 +484,13 @@ async fn nothing_but_a_401_is_ever_replayed() {
         assert_eq!(calls_after(&fake, skip).len(), 1, "{what}: sent once");
     }
     assert_eq!(app.token().await, token, "none of these rejects the token");
+    assert_eq!(
+        app.metric(
+            "klavi_sidecar_proxy_requests_total{profile=\"default\",status=\"0\",outcome=\"forwarded\"}"
+        )
+        .await,
+        1.0
+    );
     assert_eq!(fake.calls(), 1);
     // Klavi gone: nothing can be sent, and the app is told so.
     let fake_addr = fake.addr();

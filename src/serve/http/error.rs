@@ -75,6 +75,8 @@ pub enum ApiError {
     /// Proxy: the request body could not be read (the client went away
     /// mid-body, or sent malformed chunks).
     BodyUnreadable,
+    /// Proxy: a transfer coding other than plain `chunked`.
+    UnsupportedTransferCoding,
 }
 
 #[derive(Serialize)]
@@ -148,7 +150,9 @@ impl ApiError {
             Self::SingleUseProfile { .. } | Self::SharedProfile { .. } => StatusCode::CONFLICT,
             Self::UpstreamUnreachable | Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::NotOriginForm | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Self::NotOriginForm | Self::BodyUnreadable | Self::UnsupportedTransferCoding => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::ProxyBodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
@@ -289,6 +293,11 @@ impl ApiError {
                 "the request body could not be read (the client closed the connection or sent \
                  malformed chunks); nothing was sent to Klavi",
             ),
+            Self::UnsupportedTransferCoding => plain(
+                "invalid_body",
+                "the only transfer coding the proxy takes is plain chunked (Transfer-Encoding: \
+                 chunked); nothing was sent to Klavi",
+            ),
             Self::PayloadTooLarge => plain(
                 "payload_too_large",
                 "the request body is larger than server.max_body_bytes, or than 16 KiB on the refresh and lease routes (the only body any route reads is POST /token/refresh's rejectedToken)",
@@ -405,6 +414,12 @@ mod tests {
             ),
             (ApiError::ProxyBodyTooLarge, 413, "payload_too_large", None),
             (ApiError::BodyUnreadable, 400, "invalid_body", None),
+            (
+                ApiError::UnsupportedTransferCoding,
+                400,
+                "invalid_body",
+                None,
+            ),
             (
                 ApiError::SingleUseProfile {
                     lease_route: "/token/lease".into(),
