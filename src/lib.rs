@@ -24,9 +24,10 @@
 //!   routes per profile, probes, the `GET /token` hot path that applies the
 //!   router's rules without the router), [`serve::server`] drives
 //!   connections with limits, an overflow lane and a bounded drain.
-//! - [`proxy`]: (being built, issue 12) forwarding apps' requests to
-//!   Klavi with the token added; so far the pure rules of which targets
-//!   and headers are forwarded.
+//! - [`proxy`]: a profile's proxy listener: apps' requests forwarded to
+//!   Klavi with the token added, replayed once after a 401.
+//! - [`sink`]: where tokens go besides HTTP (being built, issue 13): so
+//!   far the atomic file replacement a token file needs.
 //! - [`ops`]: what operators see. Prometheus [`ops::metrics`] with a
 //!   `profile` label, the log subscriber, the `healthcheck` command, memory
 //!   release.
@@ -73,4 +74,5 @@ pub mod proxy;
 pub mod secret;
 pub mod serve;
 pub mod shutdown;
+pub mod sink;
 pub mod upstream;
