@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::listener::Stream;
 use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tower::ServiceExt as _;
@@ -292,13 +292,13 @@ impl Drop for Busy {
 /// nothing to read and whether writes wait for the client, and reading as
 /// closed once evicted with nothing to read.
 pub struct Watched {
-    stream: TcpStream,
+    stream: Stream,
     connection: Arc<Connection>,
 }
 
 impl Watched {
     /// `stream`, watched for `connection`.
-    pub fn new(stream: TcpStream, connection: Arc<Connection>) -> Self {
+    pub fn new(stream: Stream, connection: Arc<Connection>) -> Self {
         Self { stream, connection }
     }
 }
@@ -433,8 +433,9 @@ impl hyper::service::Service<http::Request<Incoming>> for Tracked {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::Semaphore;
+    use tokio_util::either::Either;
 
     /// A connected pair on loopback: (client, server side as `Watched`).
     async fn pair() -> (TcpStream, Watched) {
@@ -445,7 +446,21 @@ mod tests {
         let (stream, _) = listener.accept().await.unwrap();
         let slot = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         let connection = Registry::new(FRESH_GRACE).add(slot);
-        (client, Watched { stream, connection })
+        (
+            client,
+            Watched {
+                stream: Either::Left(stream),
+                connection,
+            },
+        )
+    }
+
+    /// Waits until the server side has bytes to read.
+    async fn readable(watched: &Watched) {
+        match &watched.stream {
+            Either::Left(tcp) => tcp.readable().await.unwrap(),
+            Either::Right(unix) => unix.readable().await.unwrap(),
+        }
     }
 
     /// The same, the server side's connection already evicted.
@@ -531,7 +546,7 @@ mod tests {
             (b"\r\nG", HEAD_UNSEEN),
         ] {
             client.write_all(sent).await.unwrap();
-            watched.stream.readable().await.unwrap();
+            readable(&watched).await;
             let mut read = 0;
             while read < sent.len() {
                 read += watched.read(&mut buf).await.unwrap();
@@ -673,7 +688,7 @@ mod tests {
     async fn an_evicted_connection_still_reads_a_request_already_sent() {
         let (mut client, mut watched) = evicted_pair().await;
         client.write_all(b"GET /token HTTP/1.1\r\n").await.unwrap();
-        watched.stream.readable().await.unwrap();
+        readable(&watched).await;
         let mut buf = [0u8; 64];
         let n = watched.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"GET /token HTTP/1.1\r\n");

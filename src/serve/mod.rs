@@ -1,7 +1,9 @@
 //! Handing tokens out: the HTTP API ([`http`]) on listeners driven by
 //! [`server`] (limits, the overflow lane, drain), each connection watched
-//! by `connection` (eviction).
+//! by `connection` (eviction), accepted by a [`listener`] (TCP or a unix
+//! socket).
 
 mod connection;
 pub mod http;
+pub mod listener;
 pub mod server;

@@ -27,14 +27,16 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use super::connection::FastPath;
 use super::connection::{Connection, FRESH_GRACE, OVERFLOW_GRACE, Registry, Tracked, Watched};
+use super::listener::{Listener, Peer, Stream};
 
 /// Protections applied to every connection (the `server.*` limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,13 +101,14 @@ struct Shared {
 /// lets requests in flight finish for up to `grace` and closes the rest.
 pub async fn serve(
     name: &'static str,
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     router: Router,
     fast: Option<FastPath>,
     limits: Limits,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
+    let listener = listener.into();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let overflow_slots = Arc::new(Semaphore::new(overflow_slots(limits.max_connections)));
     let mut regular = hyper::server::conn::http1::Builder::new();
@@ -137,8 +140,8 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: don't spin.
                 tracing::warn!(listener = name, %error, "accept failed");
@@ -156,7 +159,7 @@ pub async fn serve(
                 .or_else(|| shared.registry.evict_one());
             if let Some(slot) = slot {
                 let connection = shared.registry.add(slot);
-                spawn_regular(&shared, stream, connection);
+                spawn_regular(&shared, stream, peer, connection);
                 break;
             }
             let overflow_slot = Arc::clone(&overflow_slots)
@@ -168,7 +171,7 @@ pub async fn serve(
                 let shared2 = Arc::clone(&shared);
                 shared.tasks.spawn(async move {
                     let lane = (&shared2.overflow, OVERFLOW_GRACE);
-                    let driven = drive(&shared2, lane, stream, &connection);
+                    let driven = drive(&shared2, lane, (stream, peer), &connection);
                     let _ = tokio::time::timeout(OVERFLOW_LIFETIME, driven).await;
                     shared2.overflow_registry.remove(&connection);
                 });
@@ -191,7 +194,7 @@ pub async fn serve(
                         return drain(&shared, listener, grace).await;
                     };
                     let connection = shared.registry.add(slot);
-                    spawn_regular(&shared, stream, connection);
+                    spawn_regular(&shared, stream, peer, connection);
                     break;
                 }
                 _ = overflow_slots.acquire() => {}
@@ -202,18 +205,18 @@ pub async fn serve(
     drain(&shared, listener, grace).await;
 }
 
-fn spawn_regular(shared: &Arc<Shared>, stream: TcpStream, connection: Arc<Connection>) {
+fn spawn_regular(shared: &Arc<Shared>, stream: Stream, peer: Peer, connection: Arc<Connection>) {
     let shared2 = Arc::clone(shared);
     shared.tasks.spawn(async move {
         let lane = (&shared2.regular, FRESH_GRACE);
-        drive(&shared2, lane, stream, &connection).await;
+        drive(&shared2, lane, (stream, peer), &connection).await;
         shared2.registry.remove(&connection);
     });
 }
 
 /// Stops accepting, waits for the connections to finish their requests and
 /// close until just before `grace` ends, then cuts off the rest.
-async fn drain(shared: &Shared, listener: TcpListener, grace: Duration) {
+async fn drain(shared: &Shared, listener: Listener, grace: Duration) {
     drop(listener);
     shared.tasks.close();
     let patience = grace.saturating_sub(CUT_OFF_RESERVE);
@@ -238,45 +241,51 @@ async fn drain(shared: &Shared, listener: TcpListener, grace: Duration) {
 async fn drive(
     shared: &Shared,
     (builder, grace): (&hyper::server::conn::http1::Builder, Duration),
-    stream: TcpStream,
+    (stream, peer): (Stream, Peer),
     connection: &Arc<Connection>,
 ) {
-    let _ = stream.set_nodelay(true);
+    // The connection's span names its peer (a unix socket's by pid, uid
+    // and gid), so every request line logged within it does too.
+    let span = tracing::debug_span!("connection", listener = shared.name, peer = %peer);
     let io = Watched::new(stream, Arc::clone(connection));
     let service = Tracked::new(
         shared.router.clone(),
         shared.fast.clone(),
         Arc::clone(connection),
     );
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let mut closing = false;
-    let mut evicted = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(listener = shared.name, %error, "connection ended with an error");
-                }
-                return;
-            }
-            () = shared.shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = connection.evict.notified(), if !evicted => {
-                // A client that does not read is cut: what it has not read
-                // it was not going to. Otherwise this only wakes the
-                // connection: polled again, it reads, and `Watched` ends it
-                // unless a request has arrived, which is answered first.
-                if connection.write_blocked(Instant::now(), grace) {
+    async move {
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut closing = false;
+        let mut evicted = false;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(listener = shared.name, %error, "connection ended with an error");
+                    }
                     return;
                 }
-                evicted = true;
+                () = shared.shutdown.cancelled(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = connection.evict.notified(), if !evicted => {
+                    // A client that does not read is cut: what it has not read
+                    // it was not going to. Otherwise this only wakes the
+                    // connection: polled again, it reads, and `Watched` ends it
+                    // unless a request has arrived, which is answered first.
+                    if connection.write_blocked(Instant::now(), grace) {
+                        return;
+                    }
+                    evicted = true;
+                }
+                () = shared.cut_off.cancelled() => return,
             }
-            () = shared.cut_off.cancelled() => return,
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// Pending connections the kernel may queue (it caps this at
