@@ -1,6 +1,7 @@
 //! `demo`: the real service against an embedded fake Klavi, so a newcomer
 //! sees tokens served and refreshed with no credentials and no network.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -109,7 +110,9 @@ pub fn banner(addresses: Addresses, fake: &str) {
              \x20 curl -i {h} http://{proxy}/payment/customer/v1/payments\n"
         ));
     }
-    eprintln!(
+    // Not eprintln!, which panics when stderr is gone.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "\nklavi-token-sidecar demo: a fake Klavi issues 30-second tokens; watch the log refresh them.\n\
          Try:\n  curl {h} http://{token}/token\n  curl {h} -X POST http://{token}/token/refresh{ops}\n\
          \nCall (the fake) Klavi's API with the token; revoke it to get the 401 Klavi gives a bad token, \

@@ -8,8 +8,10 @@ pub fn on_signals() -> CancellationToken {
     let trigger = token.clone();
     tokio::spawn(async move {
         let signal = wait_for_signal().await;
-        tracing::info!(signal, "stop signal received; draining");
+        // Cancel first: nothing that follows (a log line to a broken
+        // stderr, say) may keep the process from stopping.
         trigger.cancel();
+        tracing::info!(signal, "stop signal received; draining");
     });
     token
 }

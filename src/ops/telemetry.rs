@@ -86,6 +86,11 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
+        // A stderr nobody reads (a log collector gone) must not make
+        // logging panic: tracing-subscriber reports a failed write with
+        // eprintln!, which panics on that same broken stderr, and a panic
+        // in the signal task kept SIGTERM from stopping the process.
+        .log_internal_errors(false)
         .with_timer(CachedUtc)
         .with_target(false);
     let _ = match format {

@@ -242,6 +242,55 @@ fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::Exi
     None
 }
 
+/// A stderr nobody reads any more (a log collector gone) must not keep
+/// SIGTERM from stopping the service: logging to it once made the signal
+/// task panic before it cancelled anything.
+#[test]
+fn sigterm_stops_the_service_even_when_its_stderr_is_gone() {
+    let (token, ops) = (free_port(), free_port());
+    let mut child = sidecar(
+        &[
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{token}"),
+            "--ops-listen",
+            &format!("127.0.0.1:{ops}"),
+        ],
+        &[
+            ("KLAVI_SIDECAR_KLAVI__PROXY_LISTEN", "127.0.0.1:0"),
+            (
+                "KLAVI_SIDECAR_PROFILES__PAYMENTS__PROXY_LISTEN",
+                "127.0.0.1:0",
+            ),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Read the first line, then close the pipe: every later write fails.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    drop(stderr);
+    let mut running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let ops = format!("127.0.0.1:{ops}");
+    while !get(&ops, "/healthz").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the demo never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &running.0.id().to_string()])
+        .status();
+    // If it does not stop, dropping `running` kills it.
+    let exit = wait_for_exit(&mut running.0, Duration::from_secs(12));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "exit on SIGTERM: {exit:?}"
+    );
+}
+
 #[test]
 fn healthcheck_exits_0_against_a_ready_demo_and_1_once_it_stopped() {
     let (mut demo, _token, ops) = start_demo();
