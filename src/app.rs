@@ -23,7 +23,7 @@ use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
 use crate::config::ranges::KeyNames;
 use crate::config::{Config, ConfigError, ProfileConfig, TokenMode};
-use crate::ops::metrics::{Metrics, ProxyOutcome};
+use crate::ops::metrics::Metrics;
 use crate::profile::{Profile, Profiles};
 use crate::proxy::client::UpstreamClient;
 use crate::proxy::{Forwarder, ForwarderConfig, proxy_router};
@@ -215,8 +215,7 @@ impl Application {
                 if p.proxy.is_some() {
                     // At zero before the first scrape; the proxy starts
                     // once its client is built.
-                    let _ = profile_metrics.proxy_histogram();
-                    let _ = profile_metrics.proxy_counter(200, ProxyOutcome::Forwarded);
+                    let _ = profile_metrics.proxied();
                 }
                 Arc::new(Profile::new(
                     &p.config.name,

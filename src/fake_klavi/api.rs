@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use http_body_util::channel::Channel;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::{FakeResponse, ScriptedReset, State, full, json_response, lock, now_unix, refusal};
+use super::{
+    FakeResponse, ScriptedReset, State, full, json_response, lock, now_unix, read_body, refusal,
+};
 
 /// API calls remembered for [`super::FakeKlavi::api_requests`].
 pub const KEPT_REQUESTS: usize = 1024;
@@ -98,15 +100,9 @@ pub(super) async fn answer(
 ) -> Result<FakeResponse, ScriptedReset> {
     state.api_calls.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = request.into_parts();
-    let Ok(body) = Limited::new(body, MAX_BODY)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-    else {
-        return Ok(json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": "bad body"}),
-        ));
+    let body = match read_body(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(refused),
     };
     let call = ApiRequest {
         method: parts.method,

@@ -392,15 +392,9 @@ async fn handle(
     let _in_flight = InFlight(&state);
 
     let (parts, body) = request.into_parts();
-    let Ok(body) = Limited::new(body, 64 * 1024)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-    else {
-        return Ok(json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": "bad body"}),
-        ));
+    let body = match read_body(body, 64 * 1024).await {
+        Ok(body) => body,
+        Err(refused) => return Ok(refused),
     };
     *lock(&state.last_request) = Some(Recorded {
         headers: parts.headers,
@@ -474,6 +468,15 @@ async fn handle(
         response.headers_mut().insert(header::DATE, value);
     }
     Ok(response)
+}
+
+/// A request body of at most `limit` bytes, or the 400 the fake answers.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FakeResponse> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|_| json_response(StatusCode::BAD_REQUEST, &json!({"error": "bad body"})))
 }
 
 fn check_keys(config: &FakeKlaviConfig, body: &[u8]) -> Result<(), Box<FakeResponse>> {

@@ -600,6 +600,16 @@ impl ProfileMetrics {
             .clone()
     }
 
+    /// A proxy's handles, kept for every request: the counter of its
+    /// common case (200 from Klavi, no replay) and the duration
+    /// histogram. Creates both series at zero.
+    pub fn proxied(&self) -> (Counter, Histogram) {
+        (
+            self.proxy_counter(200, ProxyOutcome::Forwarded),
+            self.proxy_histogram(),
+        )
+    }
+
     /// The histogram of proxied requests' durations, to keep.
     pub fn proxy_histogram(&self) -> Histogram {
         self.families

@@ -8,6 +8,7 @@
 //! here.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
@@ -24,7 +25,7 @@ pub struct DeadlineBody<B> {
     inner: Pin<Box<B>>,
     sleep: Pin<Box<Sleep>>,
     /// The profile to name in a warning when the body fails.
-    profile: Option<String>,
+    profile: Option<Arc<str>>,
 }
 
 impl<B> DeadlineBody<B> {
@@ -40,8 +41,8 @@ impl<B> DeadlineBody<B> {
     /// Logs a warning naming `profile` when the body fails or is cut off:
     /// the access line was written at the head, with its status, and
     /// would not say the app got a truncated answer.
-    pub fn on_error(mut self, profile: &str) -> Self {
-        self.profile = Some(profile.to_string());
+    pub fn on_error(mut self, profile: Arc<str>) -> Self {
+        self.profile = Some(profile);
         self
     }
 

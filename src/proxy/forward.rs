@@ -20,17 +20,17 @@ use http::request::Parts;
 use http::{HeaderValue, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 use url::Url;
 
 use super::client::{SendError, UpstreamClient};
 use super::deadline::DeadlineBody;
 use super::headers;
-use super::target::{TargetError, upstream_uri};
+use super::target::{self, TargetError, upstream_uri};
 use crate::cache::store::{Rejection, Served, Unavailable, UnavailableReason};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
-
+use crate::cache::token::Token;
 use crate::ops::metrics::ProxyOutcome;
 use crate::profile::Profile;
 use crate::secret::TokenDigest;
@@ -52,6 +52,8 @@ const DRAINED_MAX: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Forwarder {
     profile: Arc<Profile>,
+    /// The profile's name, shared with the bodies it streams.
+    name: Arc<str>,
     base: Url,
     host: HeaderValue,
     client: UpstreamClient,
@@ -97,18 +99,15 @@ impl Forwarder {
         client: UpstreamClient,
         config: ForwarderConfig,
     ) -> Option<Self> {
-        let host = match (config.base.host_str(), config.base.port()) {
-            (Some(host), Some(port)) => format!("{host}:{port}"),
-            (Some(host), None) => host.to_string(),
-            (None, _) => return None,
-        };
-        let metrics = profile.metrics();
+        let host = target::authority(&config.base)?;
+        let (forwarded_ok, duration) = profile.metrics().proxied();
         let counted = Counted {
-            forwarded_ok: metrics.proxy_counter(200, ProxyOutcome::Forwarded),
-            duration: metrics.proxy_histogram(),
+            forwarded_ok,
+            duration,
         };
         Some(Self {
             counted,
+            name: Arc::from(profile.name()),
             profile,
             host: HeaderValue::from_str(&host).ok()?,
             base: config.base,
@@ -132,7 +131,7 @@ struct Answer {
     response: Response,
     outcome: ProxyOutcome,
     /// The token of the request whose answer the app gets.
-    fingerprint: Option<String>,
+    token: Option<Arc<Token>>,
 }
 
 impl Answer {
@@ -140,7 +139,7 @@ impl Answer {
         Self {
             response: sidecar_error(error),
             outcome: ProxyOutcome::SidecarError,
-            fingerprint: None,
+            token: None,
         }
     }
 }
@@ -202,7 +201,7 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
             path = %path,
             status,
             duration_ms = took.as_millis() as u64,
-            token = %answer.fingerprint.as_deref().unwrap_or("none"),
+            token = %answer.token.as_ref().map_or("none", |t| t.fingerprint()),
             replayed = answer.outcome == ProxyOutcome::Replayed,
             klavi_request_id = request_id.unwrap_or_default(),
             sidecar_error = %error.unwrap_or("none"),
@@ -401,14 +400,14 @@ impl Forwarder {
         deadline: Instant,
     ) -> Answer {
         let (parts, body) = response.into_parts();
-        let body = DeadlineBody::new(body, deadline).on_error(self.profile.name());
+        let body = DeadlineBody::new(body, deadline).on_error(Arc::clone(&self.name));
         let mut answer = Response::new(Body::new(body));
         *answer.status_mut() = parts.status;
         *answer.headers_mut() = headers::to_app(parts.headers, token.fingerprint());
         Answer {
             response: answer,
             outcome,
-            fingerprint: Some(token.fingerprint().to_string()),
+            token: Some(Arc::clone(&token.token)),
         }
     }
 }

@@ -22,6 +22,17 @@ pub enum TargetError {
     NotOriginForm,
 }
 
+/// `host` or `host:port` of `base` (its `Host` header and the upstream
+/// URIs' authority); `None` for a URL without a host, which the
+/// configuration refuses.
+pub fn authority(base: &Url) -> Option<String> {
+    let host = base.host_str()?;
+    Some(match base.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    })
+}
+
 /// The upstream URI for a request `method uri` under `base`: `base`'s
 /// scheme and authority, its path (without a trailing slash) followed by
 /// the request's path, and the request's query, byte for byte.
@@ -44,10 +55,7 @@ pub fn upstream_uri(base: &Url, method: &Method, uri: &Uri) -> Result<Uri, Targe
     let query = path_and_query
         .query()
         .map_or_else(String::new, |q| format!("?{q}"));
-    let authority = match base.port() {
-        Some(port) => format!("{}:{port}", base.host_str().unwrap_or_default()),
-        None => base.host_str().unwrap_or_default().to_string(),
-    };
+    let authority = authority(base).ok_or(TargetError::NotOriginForm)?;
     Uri::builder()
         .scheme(base.scheme())
         .authority(authority)
