@@ -30,7 +30,7 @@ impl Config {
         // [klavi] and [refresh] are checked even without a default
         // profile, under their own names: the other profiles inherit them.
         let defaults = KeyNames::of(DEFAULT_PROFILE);
-        auth_url(&defaults, &raw.klavi)?;
+        klavi_urls(&defaults, &raw.klavi)?;
         ranges::check_profile(&defaults, &raw.klavi, &raw.refresh)?;
 
         let mut profiles = Vec::new();
@@ -114,8 +114,7 @@ fn profile(
     raw: &RawConfig,
 ) -> Result<ProfileConfig, ConfigError> {
     let names = KeyNames::of(name);
-    let auth_url = auth_url(&names, k)?;
-    let base_url = base_url(&names, k)?;
+    let (base_url, auth_url) = klavi_urls(&names, k)?;
     let access_key = key_source(&names, "access_key", &k.access_key, &k.access_key_file)?;
     let secret_key = key_source(&names, "secret_key", &k.secret_key, &k.secret_key_file)?;
     ranges::check_profile(&names, k, r)?;
@@ -421,14 +420,9 @@ fn proxy(raw: &RawConfig, profiles: &[ProfileConfig]) -> Result<ProxyConfig, Con
     })
 }
 
-/// A profile's `base_url`, as the proxy forwards to it (checked by
-/// [`auth_url`] first), with no trailing slash in its path.
-fn base_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
-    Url::parse(raw.base_url.trim())
-        .map_err(|e| ConfigError::new(names.klavi("base_url"), format!("is not a URL: {e}")))
-}
-
-fn auth_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
+/// A profile's `base_url` (where the proxy forwards) and its auth URL
+/// (`base_url` + `auth_path`), both checked.
+fn klavi_urls(names: &KeyNames, raw: &RawKlavi) -> Result<(Url, Url), ConfigError> {
     let key = names.klavi("base_url");
     // The value is not quoted: a URL that does not parse may still carry
     // a password before its `@`.
@@ -473,7 +467,9 @@ fn auth_url(names: &KeyNames, raw: &RawKlavi) -> Result<Url, ConfigError> {
         ));
     }
     let joined = format!("{}{}", base.as_str().trim_end_matches('/'), raw.auth_path);
-    Url::parse(&joined).map_err(|e| ConfigError::new(path_key, format!("{:?}: {e}", raw.auth_path)))
+    let auth = Url::parse(&joined)
+        .map_err(|e| ConfigError::new(path_key, format!("{:?}: {e}", raw.auth_path)))?;
+    Ok((base, auth))
 }
 
 /// `server.allowed_hosts`, checked and normalised: host names (RFC 1123
