@@ -12,7 +12,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +27,8 @@ use crate::profile::{Profile, Profiles};
 use crate::proxy::client::UpstreamClient;
 use crate::proxy::{Forwarder, ForwarderConfig, proxy_router};
 use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
-use crate::serve::server::{self, BindError};
+use crate::serve::listener::Listener;
+use crate::serve::server::{self, BindError, ListenAddr};
 use crate::upstream::credentials::Credentials;
 use crate::upstream::klavi::{HttpClients, KlaviClient};
 
@@ -67,7 +67,7 @@ pub enum StartError {
     /// A configuration problem found late (a key file vanished).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// A port is taken or not allowed.
+    /// A port is taken or not allowed, or a socket cannot be created.
     #[error(transparent)]
     Bind(#[from] BindError),
     /// The HTTP client could not be built (TLS roots, say).
@@ -82,18 +82,34 @@ struct Parts {
     credentials: Arc<Credentials>,
     store: Arc<TokenStore>,
     /// Its proxy listener, bound, and the address it got.
-    proxy: Option<(TcpListener, SocketAddr)>,
+    proxy: Option<(Listener, ListenAddr)>,
 }
 
 /// The sidecar, bound and ready to run.
 #[derive(Debug)]
 pub struct Application {
     config: Config,
-    token_listener: TcpListener,
-    ops_listener: Option<TcpListener>,
-    token_addr: SocketAddr,
+    token_listener: Listener,
+    ops_listener: Option<Listener>,
+    token_addr: ListenAddr,
     ops_addr: Option<SocketAddr>,
     profiles: Vec<Parts>,
+}
+
+/// Binds the listener of configuration key `key`; something that is not
+/// a socket at a socket's path is a configuration error (exit 2), any
+/// other failure a start error.
+async fn bind(
+    key: &str,
+    addr: &ListenAddr,
+    socket_mode: u32,
+) -> Result<(Listener, ListenAddr), StartError> {
+    server::bind(key, addr, socket_mode)
+        .await
+        .map_err(|error| match error.misconfigured() {
+            Some((key, message)) => StartError::Config(ConfigError::new(key, message)),
+            None => StartError::Bind(error),
+        })
 }
 
 impl Application {
@@ -101,12 +117,13 @@ impl Application {
     /// store (its Klavi client comes in [`Self::run_until_stopped`], off the
     /// runtime's thread).
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let mode = config.server.socket_mode;
         let (token_listener, token_addr) =
-            server::bind("server.listen", config.server.listen).await?;
+            bind("server.listen", &config.server.listen, mode).await?;
         let (ops_listener, ops_addr) = match config.server.ops_listen {
             Some(addr) => {
-                let (listener, bound) = server::bind("server.ops_listen", addr).await?;
-                (Some(listener), Some(bound))
+                let (listener, bound) = bind("server.ops_listen", &addr.into(), mode).await?;
+                (Some(listener), bound.tcp())
             }
             None => (None, None),
         };
@@ -134,10 +151,10 @@ impl Application {
                 }
             };
             let store = Arc::new(store.with_ledger(Arc::clone(&ledger)));
-            let proxy = match profile.proxy_listen {
+            let proxy = match &profile.proxy_listen {
                 Some(addr) => {
                     let key = KeyNames::of(&profile.name).klavi("proxy_listen");
-                    Some(server::bind(&key, addr).await?)
+                    Some(bind(&key, addr, mode).await?)
                 }
                 None => None,
             };
@@ -169,8 +186,8 @@ impl Application {
     }
 
     /// Where the token API listens.
-    pub fn token_addr(&self) -> SocketAddr {
-        self.token_addr
+    pub fn token_addr(&self) -> &ListenAddr {
+        &self.token_addr
     }
 
     /// Where the ops listener listens, if enabled.
@@ -179,11 +196,11 @@ impl Application {
     }
 
     /// Where profile `name`'s proxy listens, if it has one.
-    pub fn proxy_addr(&self, name: &str) -> Option<SocketAddr> {
+    pub fn proxy_addr(&self, name: &str) -> Option<&ListenAddr> {
         self.profiles
             .iter()
             .find(|p| p.config.name == name)
-            .and_then(|p| p.proxy.as_ref().map(|(_, addr)| *addr))
+            .and_then(|p| p.proxy.as_ref().map(|(_, addr)| addr))
     }
 
     /// Serves until `shutdown` is cancelled, then drains and stops.
@@ -233,17 +250,22 @@ impl Application {
         state.guard = Guard {
             require_header: server_config.require_header,
             allowed_hosts: server_config.allowed_hosts.clone().into(),
+            check_host: true,
         };
         state.request_timeout = server_config.request_timeout;
         state.max_body_bytes = server_config.max_body_bytes;
         let (limits, grace) = (server_config.limits, server_config.shutdown_grace);
         let stop_servers = shutdown.child_token();
         let mut servers = JoinSet::new();
+        // A unix socket has no Host to rebind: only processes that may
+        // open the file reach it.
+        let mut token_state = state.clone();
+        token_state.guard = state.guard.for_listener(&token_listener);
         servers.spawn(server::serve(
             "token",
             token_listener,
-            token_router(state.clone()),
-            Some(token_fast_path(state.clone())),
+            token_router(token_state.clone()),
+            Some(token_fast_path(token_state)),
             limits,
             stop_servers.clone(),
             grace,
@@ -284,7 +306,7 @@ impl Application {
                 client,
                 ForwarderConfig {
                     base: parts.config.klavi.base_url.clone(),
-                    guard: state.guard.clone(),
+                    guard: state.guard.for_listener(&listener),
                     max_body_bytes: config.proxy.max_body_bytes,
                     timeout: config.proxy.request_timeout,
                     access_log: config.proxy.access_log,

@@ -219,10 +219,10 @@ async fn serve(
     };
     if let Some(fake) = &fake {
         let addresses = demo::Addresses {
-            token: app.token_addr(),
+            token: app.token_addr().clone(),
             ops: app.ops_addr(),
-            proxy: app.proxy_addr(crate::config::DEFAULT_PROFILE),
-            payments_proxy: app.proxy_addr(demo::PAYMENTS_PROFILE),
+            proxy: app.proxy_addr(crate::config::DEFAULT_PROFILE).cloned(),
+            payments_proxy: app.proxy_addr(demo::PAYMENTS_PROFILE).cloned(),
         };
         demo::banner(addresses, &fake.base_url());
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::config::{Config, ConfigError, RawConfig};
 use crate::fake_klavi::{DEMO_ACCESS_KEY, DEMO_SECRET_KEY};
 use crate::secret::Secret;
+use crate::serve::server::ListenAddr;
 
 /// Demo tokens live 30 s, so refreshes show within a minute.
 pub const TOKEN_TTL: Duration = Duration::from_secs(30);
@@ -56,16 +57,25 @@ pub fn config(mut raw: RawConfig, fake_base_url: &str) -> Result<Config, ConfigE
 }
 
 /// Where the demo listens, for the banner.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Addresses {
     /// The token API.
-    pub token: SocketAddr,
+    pub token: ListenAddr,
     /// The ops listener, if on.
     pub ops: Option<SocketAddr>,
     /// The default profile's proxy, if on.
-    pub proxy: Option<SocketAddr>,
+    pub proxy: Option<ListenAddr>,
     /// The `payments` profile's proxy, if on.
-    pub payments_proxy: Option<SocketAddr>,
+    pub payments_proxy: Option<ListenAddr>,
+}
+
+/// What curl needs before a path to reach `addr`: `http://ADDR`, or
+/// `--unix-socket PATH http://localhost` for a socket.
+fn curl_base(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(addr) => format!("http://{addr}"),
+        ListenAddr::Unix(path) => format!("--unix-socket {} http://localhost", path.display()),
+    }
 }
 
 /// Tells the newcomer what to try.
@@ -84,45 +94,48 @@ pub fn banner(addresses: Addresses, fake: &str) {
             },
             ..Default::default()
         })
-        .unwrap_or(ops);
-        format!("\n  curl http://{probe}/readyz")
+        .unwrap_or(ListenAddr::Tcp(ops));
+        format!("\n  curl {}/readyz", curl_base(&probe))
     });
     let h = "-H 'Klavi-Sidecar: true'";
+    let token = curl_base(&token);
+    let proxy = proxy.as_ref().map(curl_base);
+    let payments_proxy = payments_proxy.as_ref().map(curl_base);
     let mut proxies = String::new();
-    if let Some(proxy) = proxy {
+    if let Some(proxy) = &proxy {
         proxies.push_str(&format!(
             "\nThe proxy: call Klavi through the sidecar with no token at all; it adds one:\n\
-             \x20 curl -i {h} http://{proxy}/payment/customer/v1/payments\n"
+             \x20 curl -i {h} {proxy}/payment/customer/v1/payments\n"
         ));
     }
-    if let Some(proxy) = payments_proxy {
+    if let Some(proxy) = &payments_proxy {
         proxies.push_str(&format!(
             "Profile \"{PAYMENTS_PROFILE}\"'s proxy leases a fresh single-use token for every request \
              (see Klavi-Sidecar-Token):\n\
-             \x20 curl -i {h} -X POST -d '{{\"amount\":100}}' http://{proxy}/payment/customer/v1/payments\n"
+             \x20 curl -i {h} -X POST -d '{{\"amount\":100}}' {proxy}/payment/customer/v1/payments\n"
         ));
     }
-    if let Some(proxy) = proxy {
+    if let Some(proxy) = &proxy {
         proxies.push_str(&format!(
             "Revoke every token: the proxy gets Klavi's 401, replays once with a new token, and you \
              still get 200:\n\
              \x20 curl -X POST -d '{{\"all\":true}}' {fake}/_fake/revoke\n\
-             \x20 curl -i {h} http://{proxy}/payment/customer/v1/payments\n"
+             \x20 curl -i {h} {proxy}/payment/customer/v1/payments\n"
         ));
     }
     // Not eprintln!, which panics when stderr is gone.
     let _ = writeln!(
         std::io::stderr().lock(),
         "\nklavi-token-sidecar demo: a fake Klavi issues 30-second tokens; watch the log refresh them.\n\
-         Try:\n  curl {h} http://{token}/token\n  curl {h} -X POST http://{token}/token/refresh{ops}\n\
+         Try:\n  curl {h} {token}/token\n  curl {h} -X POST {token}/token/refresh{ops}\n\
          \nCall (the fake) Klavi's API with the token; revoke it to get the 401 Klavi gives a bad token, \
          and report it rejected to get a new one:\n\
-         \x20 TOKEN=$(curl -s {h} -H 'Accept: text/plain' http://{token}/token)\n\
+         \x20 TOKEN=$(curl -s {h} -H 'Accept: text/plain' {token}/token)\n\
          \x20 curl -H \"Authorization: Bearer $TOKEN\" {fake}/payment/customer/v1/payments\n\
          \x20 curl -X POST -d \"{{\\\"accessToken\\\":\\\"$TOKEN\\\"}}\" {fake}/_fake/revoke\n\
-         \x20 curl {h} -X POST -d \"{{\\\"rejectedToken\\\":\\\"$TOKEN\\\"}}\" http://{token}/token/refresh\n\
+         \x20 curl {h} -X POST -d \"{{\\\"rejectedToken\\\":\\\"$TOKEN\\\"}}\" {token}/token/refresh\n\
          \nSingle-use tokens, one per payment initiation: profile \"{PAYMENTS_PROFILE}\" has mode = \"single_use\", \
-         pool_size = 2:\n  curl {h} -X POST http://{token}/profiles/{PAYMENTS_PROFILE}/token/lease\n{proxies}\
+         pool_size = 2:\n  curl {h} -X POST {token}/profiles/{PAYMENTS_PROFILE}/token/lease\n{proxies}\
          Stop with Ctrl-C.\n"
     );
 }

@@ -23,7 +23,7 @@ use url::Url;
 
 use crate::cache::policy::RefreshPolicy;
 use crate::secret::Secret;
-use crate::serve::server::Limits;
+use crate::serve::server::{Limits, ListenAddr};
 
 mod error;
 pub mod layers;
@@ -64,8 +64,9 @@ pub enum KeySource {
 /// `[server]`, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
-    /// Token API address (loopback unless explicitly allowed).
-    pub listen: SocketAddr,
+    /// Token API address (loopback or a unix socket, unless explicitly
+    /// allowed).
+    pub listen: ListenAddr,
     /// Probes and metrics address, if enabled.
     pub ops_listen: Option<SocketAddr>,
     /// Token routes demand `Klavi-Sidecar: true`.
@@ -80,6 +81,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Longest a request may take.
     pub request_timeout: Duration,
+    /// Permissions of the unix sockets the sidecar creates.
+    pub socket_mode: u32,
 }
 
 /// `[proxy]`, validated.
@@ -152,9 +155,31 @@ pub struct ProfileConfig {
     /// (never for a single_use profile).
     pub fleet: bool,
     /// The profile's proxy listener (SPEC §4.3), if any.
-    pub proxy_listen: Option<SocketAddr>,
-    /// Reserved for the token file (must be empty in this version).
-    pub token_file: String,
+    pub proxy_listen: Option<ListenAddr>,
+    /// The file its token is written to (SPEC §4.4), if any; shared
+    /// profiles only.
+    pub token_file: Option<TokenFileConfig>,
+}
+
+/// A profile's token file (`token_file`, `token_file_mode`,
+/// `token_file_format`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFileConfig {
+    /// Where (absolute).
+    pub path: PathBuf,
+    /// Its permissions.
+    pub mode: u32,
+    /// What it holds.
+    pub format: TokenFileFormat,
+}
+
+/// What a token file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFileFormat {
+    /// The bare token and a newline.
+    Raw,
+    /// The `GET /token` body.
+    Json,
 }
 
 /// Log output format.
@@ -232,19 +257,23 @@ pub fn worker_threads(runtime: &RawRuntime) -> Result<usize, ConfigError> {
 }
 
 /// The address to probe for `healthcheck`: the ops listener (or, when it is
-/// off, the token listener), with a wildcard IP replaced by loopback.
-pub fn probe_address(raw: &RawConfig) -> Option<SocketAddr> {
+/// off, the token listener, which may be a unix socket), with a wildcard IP
+/// replaced by loopback.
+pub fn probe_address(raw: &RawConfig) -> Option<ListenAddr> {
     let text = if raw.server.ops_listen.trim().is_empty() {
         &raw.server.listen
     } else {
         &raw.server.ops_listen
     };
-    let mut addr: SocketAddr = text.trim().parse().ok()?;
+    let mut addr: SocketAddr = match text.parse::<ListenAddr>().ok()? {
+        ListenAddr::Tcp(addr) => addr,
+        unix @ ListenAddr::Unix(_) => return Some(unix),
+    };
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
             IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
             IpAddr::V6(_) => IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
         });
     }
-    Some(addr)
+    Some(ListenAddr::Tcp(addr))
 }

@@ -279,9 +279,50 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
             "not an IP:port address",
         ),
         (
-            format!("[profiles.a]\n{keys}proxy_listen = \"unix:/run/k.sock\"\n"),
+            format!("[profiles.a]\n{keys}proxy_listen = \"unix:run/k.sock\"\n"),
             "profiles.a.proxy_listen",
-            "unix sockets",
+            "absolute path",
+        ),
+        (
+            format!(
+                "[profiles.a]\n{keys}proxy_listen = \"unix:/dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd/k.sock\"\n"
+            ),
+            "profiles.a.proxy_listen",
+            "too long",
+        ),
+        (
+            format!(
+                "[server]\nlisten = \"unix:/run/k/t.sock\"\n[profiles.a]\n{keys}proxy_listen = \"unix:/run/k/t.sock\"\n"
+            ),
+            "profiles.a.proxy_listen",
+            "clashes with server.listen",
+        ),
+        (
+            format!(
+                "[profiles.a]\n{keys}proxy_listen = \"unix:/run/k/p.sock\"\n[profiles.b]\n{keys}proxy_listen = \"unix:/run/k/p.sock\"\n"
+            ),
+            "profiles.b.proxy_listen",
+            "clashes with profiles.a.proxy_listen",
+        ),
+        (
+            format!("[profiles.a]\n{keys}token_file = \"tok\"\n"),
+            "profiles.a.token_file",
+            "absolute path",
+        ),
+        (
+            format!("[profiles.a]\n{keys}token_file = \"/t/tok\"\ntoken_file_mode = \"0648\"\n"),
+            "profiles.a.token_file_mode",
+            "octal permission mode",
+        ),
+        (
+            format!("[profiles.a]\n{keys}token_file = \"/t/tok\"\ntoken_file_mode = \"4640\"\n"),
+            "profiles.a.token_file_mode",
+            "0000 to 0777",
+        ),
+        (
+            format!("[profiles.a]\n{keys}token_file = \"/t/tok\"\ntoken_file_format = \"yaml\"\n"),
+            "profiles.a.token_file_format",
+            "\"raw\", \"json\"",
         ),
         (
             format!(

@@ -36,7 +36,8 @@ pub struct RawConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
-    /// Token API address. Default `127.0.0.1:8089`.
+    /// Token API address: a loopback `IP:PORT` or `unix:/path`. Default
+    /// `127.0.0.1:8089`.
     pub listen: String,
     /// Lets `listen` be a non-loopback address. Default `false`.
     #[serde(deserialize_with = "super::lenient::bool")]
@@ -69,6 +70,9 @@ pub struct RawServer {
     /// Longest a request may take, ms; then 408. Default `10000`.
     #[serde(deserialize_with = "super::lenient::u64")]
     pub request_timeout_ms: u64,
+    /// Permissions of the unix sockets the sidecar creates, octal.
+    /// Default `"0660"`, range `0000`–`0777`.
+    pub socket_mode: String,
 }
 
 impl Default for RawServer {
@@ -85,6 +89,7 @@ impl Default for RawServer {
             max_body_bytes: 16 * 1024,
             max_connections: 512,
             request_timeout_ms: 10_000,
+            socket_mode: "0660".into(),
         }
     }
 }
@@ -121,12 +126,18 @@ pub struct RawKlavi {
     /// `/readyz` waits for this profile. Default `true`.
     #[serde(deserialize_with = "super::lenient::bool")]
     pub required: bool,
-    /// The profile's proxy listener (SPEC §4.3): a loopback address; `""`
-    /// is off. Default `""`.
+    /// The profile's proxy listener (SPEC §4.3): a loopback address or
+    /// `unix:/path`; `""` is off. Default `""`.
     pub proxy_listen: String,
-    /// File the profile's token is written to; `""` is off (not part of
-    /// this version). Default `""`.
+    /// Shared profiles only: file the profile's token is written to (SPEC
+    /// §4.4); `""` is off. Default `""`.
     pub token_file: String,
+    /// The token file's permissions, octal. Default `"0640"`, range
+    /// `0000`–`0777`.
+    pub token_file_mode: String,
+    /// `raw` (the token and a newline) or `json` (the `GET /token` body).
+    /// Default `"raw"`.
+    pub token_file_format: String,
     /// `shared` (one token reused by every caller) or `single_use` (every
     /// lease a token never handed out before). Default `"shared"`.
     pub mode: String,
@@ -159,6 +170,8 @@ impl Default for RawKlavi {
             required: true,
             proxy_listen: String::new(),
             token_file: String::new(),
+            token_file_mode: "0640".into(),
+            token_file_format: "raw".into(),
             mode: "shared".into(),
             pool_size: 2,
             fleet: None,
@@ -291,6 +304,12 @@ pub struct RawProfile {
     /// Not inherited. Default `""`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<String>,
+    /// Not inherited. Default `"0640"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file_mode: Option<String>,
+    /// Not inherited. Default `"raw"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file_format: Option<String>,
     /// Not inherited. Default `"shared"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
@@ -320,7 +339,7 @@ impl RawRefreshOverrides {
 impl RawProfile {
     /// The profile's effective `[klavi]` and `[refresh]`: its own keys over
     /// what it inherits from `klavi` and `refresh`. Keys, key files and the
-    /// per-profile keys (`required`, `proxy_listen`, `token_file`, `mode`,
+    /// per-profile keys (`required`, `proxy_listen`, `token_file*`, `mode`,
     /// `pool_size`, `fleet`) are not inherited.
     pub fn effective(&self, klavi: &RawKlavi, refresh: &RawRefresh) -> (RawKlavi, RawRefresh) {
         let own = RawKlavi {
@@ -344,6 +363,14 @@ impl RawProfile {
             required: self.required.unwrap_or(true),
             proxy_listen: self.proxy_listen.clone().unwrap_or_default(),
             token_file: self.token_file.clone().unwrap_or_default(),
+            token_file_mode: self
+                .token_file_mode
+                .clone()
+                .unwrap_or_else(|| "0640".into()),
+            token_file_format: self
+                .token_file_format
+                .clone()
+                .unwrap_or_else(|| "raw".into()),
             mode: self.mode.clone().unwrap_or_else(|| "shared".into()),
             pool_size: self.pool_size.unwrap_or(2),
             fleet: self.fleet,
@@ -368,6 +395,8 @@ impl RawProfile {
             required: Some(k.required),
             proxy_listen: Some(k.proxy_listen),
             token_file: Some(k.token_file),
+            token_file_mode: Some(k.token_file_mode),
+            token_file_format: Some(k.token_file_format),
             fleet: Some(k.fleet.unwrap_or(k.mode.trim() == "shared")),
             mode: Some(k.mode),
             pool_size: Some(k.pool_size),

@@ -105,6 +105,12 @@ fn default_toml_documents_exactly_the_defaults() {
         parsed.klavi.allow_insecure_http,
         expected.klavi.allow_insecure_http
     );
+    assert_eq!(parsed.klavi.token_file, expected.klavi.token_file);
+    assert_eq!(parsed.klavi.token_file_mode, expected.klavi.token_file_mode);
+    assert_eq!(
+        parsed.klavi.token_file_format,
+        expected.klavi.token_file_format
+    );
     assert_eq!(parsed.refresh, expected.refresh);
     assert_eq!(parsed.log, expected.log);
     assert_eq!(parsed.runtime, expected.runtime);
@@ -131,7 +137,11 @@ fn precedence_defaults_file_env_flags() {
     sources.file = Some(path);
     sources.overrides.listen = Some("127.0.0.1:1003".into());
     let config = load(&sources).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(config.server.listen.port(), 1003, "flag beats env");
+    assert_eq!(
+        config.server.listen.tcp().unwrap().port(),
+        1003,
+        "flag beats env"
+    );
     assert_eq!(
         config.server.ops_listen.map(|a| a.port()),
         Some(2002),
@@ -272,6 +282,37 @@ fn ipv6_and_empty_ops_listen_from_env() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(config.server.listen.to_string(), "[::1]:8089");
     assert_eq!(config.server.ops_listen, None);
+}
+
+#[test]
+fn unix_sockets_from_env() {
+    let config = load(&with_keys(&[
+        (
+            "KLAVI_SIDECAR_SERVER__LISTEN",
+            " unix:/run/klavi/token.sock ",
+        ),
+        ("KLAVI_SIDECAR_SERVER__SOCKET_MODE", "600"),
+        (
+            "KLAVI_SIDECAR_KLAVI__PROXY_LISTEN",
+            "unix:/run/klavi/proxy.sock",
+        ),
+    ]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.server.listen,
+        ListenAddr::Unix("/run/klavi/token.sock".into())
+    );
+    assert_eq!(
+        config.server.listen.to_string(),
+        "unix:/run/klavi/token.sock"
+    );
+    assert_eq!(config.server.socket_mode, 0o600);
+    assert_eq!(
+        config.profiles[0].proxy_listen,
+        Some(ListenAddr::Unix("/run/klavi/proxy.sock".into()))
+    );
+    let config = load(&with_keys(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.server.socket_mode, 0o660);
 }
 
 #[test]
@@ -494,6 +535,21 @@ fn bad_configurations_name_the_key() {
             "not a host name",
         ),
         (
+            with_keys(&[("KLAVI_SIDECAR_SERVER__LISTEN", "unix:token.sock")]),
+            "server.listen",
+            "absolute path",
+        ),
+        (
+            with_keys(&[("KLAVI_SIDECAR_SERVER__OPS_LISTEN", "unix:/run/k/ops.sock")]),
+            "server.ops_listen",
+            "cannot be a unix socket",
+        ),
+        (
+            with_keys(&[("KLAVI_SIDECAR_SERVER__SOCKET_MODE", "rw-rw----")]),
+            "server.socket_mode",
+            "octal permission mode",
+        ),
+        (
             with_keys(&[("KLAVI_SIDECAR_SERVER__ALLOWED_HOSTS", "host:8089")]),
             "server.allowed_hosts",
             "no scheme, port",
@@ -588,6 +644,10 @@ fn probe_address_table() {
         ),
         (raw("127.0.0.1:8089", ""), Some("127.0.0.1:8089")),
         (raw("127.0.0.1:8089", "bad"), None),
+        (
+            raw("unix:/run/klavi/token.sock", ""),
+            Some("unix:/run/klavi/token.sock"),
+        ),
     ];
     for (raw, expected) in cases {
         assert_eq!(

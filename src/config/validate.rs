@@ -12,11 +12,12 @@ use super::ranges::{self, KeyNames};
 use super::raw::{RawConfig, RawKlavi, RawRefresh};
 use super::{
     Config, ConfigError, DEFAULT_PROFILE, KeySource, KlaviConfig, LogFormat, ProfileConfig,
-    ProxyConfig, RefreshConfig, ServerConfig, TokenMode, worker_threads,
+    ProxyConfig, RefreshConfig, ServerConfig, TokenFileConfig, TokenFileFormat, TokenMode,
+    worker_threads,
 };
 use crate::cache::policy::RefreshPolicy;
 use crate::secret::{REDACTED, Secret};
-use crate::serve::server::Limits;
+use crate::serve::server::{Limits, ListenAddr};
 
 /// Longest profile name.
 const MAX_NAME_LEN: usize = 32;
@@ -43,11 +44,11 @@ impl Config {
             profiles.push(profile(name, &klavi, &refresh, &raw)?);
         }
         distinct_listeners(&server, &profiles)?;
-        distinct(&profiles, "token_file", |p| p.token_file.as_str())?;
-        if let Some(p) = profiles.iter().find(|p| !p.token_file.is_empty()) {
+        distinct_token_files(&profiles)?;
+        if let Some(p) = profiles.iter().find(|p| p.token_file.is_some()) {
             return Err(ConfigError::new(
                 KeyNames::of(&p.name).klavi("token_file"),
-                "the token file is not part of this version; leave it empty",
+                "the token file is not part of this version yet; leave it empty",
             ));
         }
 
@@ -64,8 +65,11 @@ impl Config {
 
 fn server(raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
     let s = &raw.server;
-    let listen = socket_addr("server.listen", &s.listen)?;
-    if !listen.ip().is_loopback() && !s.allow_non_loopback {
+    let listen = s
+        .listen
+        .parse::<ListenAddr>()
+        .map_err(|e| ConfigError::new("server.listen", e))?;
+    if !listen.is_local() && !s.allow_non_loopback {
         return Err(ConfigError::new(
             "server.listen",
             format!(
@@ -77,11 +81,15 @@ fn server(raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
     let ops_listen = if s.ops_listen.trim().is_empty() {
         None
     } else {
+        if s.ops_listen.trim().starts_with("unix:") {
+            return Err(ConfigError::new(
+                "server.ops_listen",
+                "the ops listener cannot be a unix socket: kubelet probes and Prometheus reach \
+                 it over TCP on the pod's address; put server.listen on the socket instead",
+            ));
+        }
         let ops = socket_addr("server.ops_listen", &s.ops_listen)?;
-        let overlaps = ops.port() == listen.port()
-            && ops.port() != 0
-            && (ops.ip() == listen.ip() || ops.ip().is_unspecified());
-        if overlaps {
+        if listen.tcp().is_some_and(|listen| tcp_clash(ops, listen)) {
             return Err(ConfigError::new(
                 "server.ops_listen",
                 format!("{ops} clashes with server.listen ({listen}); use another port"),
@@ -103,7 +111,58 @@ fn server(raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
         },
         max_body_bytes: usize::try_from(s.max_body_bytes).unwrap_or(usize::MAX),
         request_timeout: ms(s.request_timeout_ms),
+        socket_mode: file_mode("server.socket_mode", &s.socket_mode)?,
     })
+}
+
+/// An octal permission mode (`"0660"`, `"640"`), at most `0777`: no
+/// set-id or sticky bits, which mean nothing for a socket or a token file.
+fn file_mode(key: &str, text: &str) -> Result<u32, ConfigError> {
+    let digits = text.trim();
+    let parsed = (!digits.is_empty()
+        && digits.len() <= 4
+        && digits.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+    .then(|| u32::from_str_radix(digits, 8).ok())
+    .flatten()
+    .filter(|mode| *mode <= 0o777);
+    parsed.ok_or_else(|| {
+        ConfigError::new(
+            key,
+            format!("{text:?} is not an octal permission mode from 0000 to 0777 (e.g. \"0660\")"),
+        )
+    })
+}
+
+/// A profile's token file: off when `token_file` is empty; else an
+/// absolute path, its mode and its format. (single_use profiles are
+/// refused one in [`mode_and_fleet`].)
+fn token_file(names: &KeyNames, k: &RawKlavi) -> Result<Option<TokenFileConfig>, ConfigError> {
+    let mode = file_mode(&names.klavi("token_file_mode"), &k.token_file_mode)?;
+    let format = match k.token_file_format.trim() {
+        "raw" => TokenFileFormat::Raw,
+        "json" => TokenFileFormat::Json,
+        other => {
+            return Err(ConfigError::new(
+                names.klavi("token_file_format"),
+                format!("{other:?} is not one of \"raw\", \"json\""),
+            ));
+        }
+    };
+    let path = k.token_file.trim();
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(path);
+    if !path.is_absolute() || path.file_name().is_none() {
+        return Err(ConfigError::new(
+            names.klavi("token_file"),
+            format!(
+                "{:?} must be an absolute path to a file, for example /var/run/klavi/token",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Some(TokenFileConfig { path, mode, format }))
 }
 
 /// One profile from its effective `[klavi]` and `[refresh]`.
@@ -128,7 +187,7 @@ fn profile(
         mode,
         fleet,
         proxy_listen: proxy_listen(&names, &k.proxy_listen, raw.server.allow_non_loopback)?,
-        token_file: k.token_file.trim().to_string(),
+        token_file: token_file(&names, k)?,
         klavi: KlaviConfig {
             base_url,
             auth_url,
@@ -218,21 +277,20 @@ fn check_name(name: &str) -> Result<(), ConfigError> {
 }
 
 /// No two profiles share a non-empty value of `key`.
-fn distinct(
-    profiles: &[ProfileConfig],
-    key: &str,
-    value: impl Fn(&ProfileConfig) -> &str,
-) -> Result<(), ConfigError> {
-    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+/// No two profiles write one token file.
+fn distinct_token_files(profiles: &[ProfileConfig]) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
     for profile in profiles {
-        let v = value(profile);
-        if v.is_empty() {
+        let Some(file) = &profile.token_file else {
             continue;
-        }
-        if let Some(first) = seen.insert(v, &profile.name) {
+        };
+        if let Some(first) = seen.insert(&file.path, &profile.name) {
             return Err(ConfigError::new(
-                KeyNames::of(&profile.name).klavi(key),
-                format!("{v:?} is also profile {first:?}'s {key}; two profiles cannot share one"),
+                KeyNames::of(&profile.name).klavi("token_file"),
+                format!(
+                    "{:?} is also profile {first:?}'s token_file; two profiles cannot share one",
+                    file.path.display()
+                ),
             ));
         }
     }
@@ -325,28 +383,22 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-/// A profile's `proxy_listen`: off when empty, else a loopback address
-/// (unless `server.allow_non_loopback`): whoever reaches it spends the
-/// profile's token.
+/// A profile's `proxy_listen`: off when empty, else a loopback address or
+/// a unix socket (unless `server.allow_non_loopback`): whoever reaches it
+/// spends the profile's token.
 fn proxy_listen(
     names: &KeyNames,
     value: &str,
     allow_non_loopback: bool,
-) -> Result<Option<SocketAddr>, ConfigError> {
+) -> Result<Option<ListenAddr>, ConfigError> {
     let key = names.klavi("proxy_listen");
-    let value = value.trim();
-    if value.is_empty() {
+    if value.trim().is_empty() {
         return Ok(None);
     }
-    if value.starts_with("unix:") {
-        return Err(ConfigError::new(
-            key,
-            "unix sockets are not part of this version yet; use a loopback address such as \
-             127.0.0.1:8091",
-        ));
-    }
-    let addr = socket_addr(&key, value)?;
-    if !addr.ip().is_loopback() && !allow_non_loopback {
+    let addr = value
+        .parse::<ListenAddr>()
+        .map_err(|e| ConfigError::new(&key, e))?;
+    if !addr.is_local() && !allow_non_loopback {
         return Err(ConfigError::new(
             key,
             format!(
@@ -359,34 +411,43 @@ fn proxy_listen(
     Ok(Some(addr))
 }
 
+/// Two TCP addresses that cannot both be bound (port 0 picks a free port,
+/// so it never clashes).
+fn tcp_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// No two listeners on one address: each `proxy_listen` apart from the
-/// others, `server.listen` and `server.ops_listen` (port 0 picks a free
-/// port, so it never clashes).
+/// others, `server.listen` and `server.ops_listen`; two sockets at one
+/// path clash too.
 fn distinct_listeners(
     server: &ServerConfig,
     profiles: &[ProfileConfig],
 ) -> Result<(), ConfigError> {
-    let clash = |a: SocketAddr, b: SocketAddr| {
-        a.port() == b.port()
-            && a.port() != 0
-            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    let clash = |a: &ListenAddr, b: &ListenAddr| match (a, b) {
+        (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => tcp_clash(*a, *b),
+        (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+        _ => false,
     };
-    let mut taken: Vec<(SocketAddr, String)> = vec![(server.listen, "server.listen".into())];
+    let mut taken: Vec<(ListenAddr, String)> =
+        vec![(server.listen.clone(), "server.listen".into())];
     if let Some(ops) = server.ops_listen {
-        taken.push((ops, "server.ops_listen".into()));
+        taken.push((ListenAddr::Tcp(ops), "server.ops_listen".into()));
     }
     for profile in profiles {
-        let Some(addr) = profile.proxy_listen else {
+        let Some(addr) = &profile.proxy_listen else {
             continue;
         };
         let key = KeyNames::of(&profile.name).klavi("proxy_listen");
-        if let Some((_, other)) = taken.iter().find(|(t, _)| clash(*t, addr)) {
+        if let Some((_, other)) = taken.iter().find(|(t, _)| clash(t, addr)) {
             return Err(ConfigError::new(
                 key,
-                format!("{addr} clashes with {other}; each listener needs its own port"),
+                format!("{addr} clashes with {other}; each listener needs its own address"),
             ));
         }
-        taken.push((addr, key));
+        taken.push((addr.clone(), key));
     }
     Ok(())
 }

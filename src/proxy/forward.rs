@@ -35,6 +35,7 @@ use crate::ops::metrics::ProxyOutcome;
 use crate::profile::Profile;
 use crate::secret::TokenDigest;
 use crate::serve::http::{ApiError, Guard};
+use crate::serve::listener::Peer;
 
 pub use super::headers::SIDECAR_ERROR;
 
@@ -160,6 +161,7 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
     let started = Instant::now();
     let method = request.method().clone();
     let path = logged(request.uri().path()).to_string();
+    let peer = request.extensions().get::<Peer>().copied();
     let answer = forwarder.answer(request, started).await;
     let took = started.elapsed();
     let status = answer.response.status().as_u16();
@@ -205,6 +207,7 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
             replayed = answer.outcome == ProxyOutcome::Replayed,
             klavi_request_id = request_id.unwrap_or_default(),
             sidecar_error = %error.unwrap_or("none"),
+            peer = %peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string()),
             "proxied"
         );
     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::listener::Stream;
+use super::listener::{Peer, Stream};
 use axum::Router;
 use axum::body::Body;
 use hyper::body::Incoming;
@@ -378,15 +378,22 @@ pub struct Tracked {
     router: Router,
     fast: Option<FastPath>,
     connection: Arc<Connection>,
+    peer: Peer,
 }
 
 impl Tracked {
-    /// Serves `router` (after `fast`) on `connection`.
-    pub fn new(router: Router, fast: Option<FastPath>, connection: Arc<Connection>) -> Self {
+    /// Serves `router` (after `fast`) on `connection`, from `peer`.
+    pub fn new(
+        router: Router,
+        fast: Option<FastPath>,
+        connection: Arc<Connection>,
+        peer: Peer,
+    ) -> Self {
         Self {
             router,
             fast,
             connection,
+            peer,
         }
     }
 }
@@ -420,7 +427,11 @@ impl hyper::service::Service<http::Request<Incoming>> for Tracked {
             return ResponseFuture::Ready(Some(response));
         }
         let busy = Busy::new(&self.connection);
-        let response = self.router.clone().oneshot(request.map(Body::new));
+        // Handlers that log a request (the proxy's access line) name its
+        // peer; the fast path above needs no such thing.
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(self.peer);
+        let response = self.router.clone().oneshot(request);
         ResponseFuture::Routed(Box::pin(async move {
             let response = response.await;
             drop(busy);

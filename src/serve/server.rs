@@ -21,13 +21,11 @@
 //!   flight and close; whatever is left just before the grace ends is cut
 //!   off, so the process exits within it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +34,7 @@ use tracing::Instrument;
 
 pub use super::connection::FastPath;
 use super::connection::{Connection, FRESH_GRACE, OVERFLOW_GRACE, Registry, Tracked, Watched};
+pub use super::listener::{BindError, ListenAddr, bind};
 use super::listener::{Listener, Peer, Stream};
 
 /// Protections applied to every connection (the `server.*` limits).
@@ -252,6 +251,7 @@ async fn drive(
         shared.router.clone(),
         shared.fast.clone(),
         Arc::clone(connection),
+        peer,
     );
     async move {
         let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -286,42 +286,4 @@ async fn drive(
     }
     .instrument(span)
     .await
-}
-
-/// Pending connections the kernel may queue (it caps this at
-/// `net.core.somaxconn`): a cold-start burst waits here, not in SYN retries.
-const BACKLOG: u32 = 4096;
-
-/// Binds `addr` for the listener configured by `key`, with address reuse
-/// (a restarted sidecar rebinds at once) and a deep backlog; returns the
-/// listener and the address it got (port 0 picks one).
-pub async fn bind(key: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BindError> {
-    let error = |source| BindError {
-        key: key.to_string(),
-        addr,
-        source,
-    };
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(error)?;
-    socket.set_reuseaddr(true).map_err(error)?;
-    socket.bind(addr).map_err(error)?;
-    let listener = socket.listen(BACKLOG).map_err(error)?;
-    let bound = listener.local_addr().map_err(error)?;
-    Ok((listener, bound))
-}
-
-/// A listener could not be bound.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({key}): {source}")]
-pub struct BindError {
-    /// The configuration key of the address.
-    pub key: String,
-    /// The address.
-    pub addr: SocketAddr,
-    /// Why.
-    pub source: std::io::Error,
 }

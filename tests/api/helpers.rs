@@ -69,7 +69,7 @@ impl TestApp {
 
     pub async fn spawn_config(fake: FakeKlavi, config: Config) -> Self {
         let app = Application::build(config).await.unwrap();
-        let token = app.token_addr();
+        let token = app.token_addr().tcp().expect("the tests listen on TCP");
         let ops = app.ops_addr().unwrap();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

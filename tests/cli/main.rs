@@ -511,3 +511,4 @@ mod profiles;
 mod proxy;
 mod redaction;
 mod sidecar;
+mod unix;

@@ -31,6 +31,9 @@ pub struct Guard {
     pub require_header: bool,
     /// Host names accepted besides loopback ones, lower case, no port.
     pub allowed_hosts: Arc<[String]>,
+    /// Check `Host` at all: not on a unix socket, which no browser page
+    /// can reach by a rebinding name.
+    pub check_host: bool,
 }
 
 impl Default for Guard {
@@ -38,11 +41,22 @@ impl Default for Guard {
         Self {
             require_header: true,
             allowed_hosts: Arc::from([]),
+            check_host: true,
         }
     }
 }
 
 impl Guard {
+    /// This guard as it applies on `listener`: without the `Host` check
+    /// on a unix socket.
+    pub fn for_listener(&self, listener: &crate::serve::listener::Listener) -> Self {
+        let unix = matches!(listener, crate::serve::listener::Listener::Unix(..));
+        Self {
+            check_host: self.check_host && !unix,
+            ..self.clone()
+        }
+    }
+
     /// Why a token (or proxied) request is refused, if it is.
     pub fn refusal(
         &self,
@@ -53,7 +67,7 @@ impl Guard {
         if headers.contains_key(X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED) {
             return Some(ApiError::ProxiedRequest);
         }
-        if !self.host_allowed(version, uri, headers) {
+        if self.check_host && !self.host_allowed(version, uri, headers) {
             return Some(ApiError::HostNotAllowed);
         }
         if self.require_header
@@ -181,6 +195,7 @@ mod tests {
         let guard = Guard {
             require_header: false,
             allowed_hosts: Arc::from(["sidecar.internal".to_string(), "[fd00::1]".to_string()]),
+            check_host: true,
         };
         // (Host headers, target, passes)
         let cases: Vec<(Vec<&str>, &str, bool)> = vec![
