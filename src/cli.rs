@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::app::init::InitError;
 use crate::app::{Application, StartError};
 use crate::config::{self, Config, ConfigError, Overrides, Sources};
 use crate::fake_klavi::{
@@ -72,6 +73,17 @@ pub enum Command {
     CheckConfig(ServiceFlags),
     /// GET the ops listener's /readyz: exit 0 if 200, else 1.
     Healthcheck(HealthcheckArgs),
+    /// For init containers and Jobs: fetch a token for every profile with a
+    /// token_file, write the files, exit 0 (1 if not done in time).
+    Init(InitArgs),
+}
+
+/// `init` options.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Seconds to get every file written, 1–3600.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub timeout: u64,
 }
 
 /// `fake-klavi` options.
@@ -188,11 +200,40 @@ pub fn main(release_memory: Option<Release>) -> ExitCode {
         Some(Command::CheckConfig(flags)) => {
             check_config(&Sources::from_process(cli.config, flags.or(outer)))
         }
+        Some(Command::Init(args)) => {
+            let sources = Sources::from_process(cli.config, outer.or(ServiceFlags::default()));
+            run_init(&sources, args.timeout)
+        }
         Some(Command::Healthcheck(args)) => {
             let sources = Sources::from_process(cli.config, Overrides::default());
             block_on(1, healthcheck::run(args.url, &sources))
         }
     }
+}
+
+fn run_init(sources: &Sources, timeout_secs: u64) -> ExitCode {
+    if !(1..=3600).contains(&timeout_secs) {
+        return config_failure(&ConfigError::new(
+            "--timeout",
+            format!("{timeout_secs} is out of range: between 1 and 3600 seconds"),
+        ));
+    }
+    let config = match config::load(sources) {
+        Ok(config) => config,
+        Err(error) => return config_failure(&error),
+    };
+    block_on(config.worker_threads, async move {
+        telemetry::init(config.log);
+        let timeout = Duration::from_secs(timeout_secs);
+        match crate::app::init::init(config, timeout).await {
+            Ok(written) => {
+                tracing::info!(files = %written.join(","), "init: every token file is written");
+                ExitCode::SUCCESS
+            }
+            Err(InitError::Start(StartError::Config(error))) => config_failure(&error),
+            Err(error) => fail(EXIT_FAILURE, format!("init: {error}")),
+        }
+    })
 }
 
 fn run(sources: &Sources, release_memory: Option<Release>) -> ExitCode {

@@ -8,6 +8,7 @@
 //! Only the refresh task calls Klavi, so at most one request is ever in
 //! flight and every waiter shares its result.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -204,6 +205,20 @@ pub enum NotReadyReason {
     TokenRejected,
     /// A single_use profile has no token to lease.
     PoolEmpty,
+    /// The token file could not be written (SPEC §4.4).
+    TokenFileWriteFailed,
+}
+
+/// Whether a profile's token file holds its token (SPEC §4.4), as its
+/// writer reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// No token written (none yet, or the last one was removed).
+    NotWritten = 0,
+    /// The file holds a token that was servable when written.
+    Written = 1,
+    /// The last write failed; it is being retried.
+    WriteFailed = 2,
 }
 
 impl NotReadyReason {
@@ -214,6 +229,7 @@ impl NotReadyReason {
             Self::TokenExpired => "token_expired",
             Self::TokenRejected => "token_rejected",
             Self::PoolEmpty => "pool_empty",
+            Self::TokenFileWriteFailed => "token_file_write_failed",
         }
     }
 }
@@ -263,6 +279,11 @@ pub struct TokenStore {
     /// token), so no route of any profile serves it again.
     others: OnceLock<Vec<Weak<TokenStore>>>,
     state: watch::Sender<RefreshState>,
+    /// Bumped whenever `current` changes (a new token, a rejection), for
+    /// consumers that follow the token itself (the token file).
+    token_changes: watch::Sender<u64>,
+    /// The token file's state ([`FileState`]), when the profile has one.
+    file: Option<AtomicU8>,
     demand: Mutex<Demand>,
     demand_signal: Notify,
     serve_margin: Duration,
@@ -279,6 +300,8 @@ impl TokenStore {
             pool: None,
             others: OnceLock::new(),
             state: watch::Sender::new(RefreshState::default()),
+            token_changes: watch::Sender::new(0),
+            file: None,
             demand: Mutex::new(Demand::default()),
             demand_signal: Notify::new(),
             serve_margin,
@@ -307,6 +330,40 @@ impl TokenStore {
     pub fn with_ledger(mut self, ledger: Arc<TokenLedger>) -> Self {
         self.ledger = ledger;
         self
+    }
+
+    /// The profile writes a token file: readiness waits for it.
+    pub fn with_token_file(mut self) -> Self {
+        self.file = Some(AtomicU8::new(FileState::NotWritten as u8));
+        self
+    }
+
+    /// For the token file's writer: what the file now holds.
+    pub fn set_file_state(&self, state: FileState) {
+        if let Some(file) = &self.file {
+            file.store(state as u8, Ordering::Release);
+        }
+    }
+
+    /// The token file's state, if the profile has one.
+    pub fn file_state(&self) -> Option<FileState> {
+        self.file
+            .as_ref()
+            .map(|file| match file.load(Ordering::Acquire) {
+                1 => FileState::Written,
+                2 => FileState::WriteFailed,
+                _ => FileState::NotWritten,
+            })
+    }
+
+    /// Watches the token held: the value changes whenever a token is
+    /// stored or dropped as rejected.
+    pub fn watch_token(&self) -> watch::Receiver<u64> {
+        self.token_changes.subscribe()
+    }
+
+    fn token_changed(&self) {
+        self.token_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Whether tokens are leased (single_use) rather than shared.
@@ -350,6 +407,8 @@ impl TokenStore {
         }
         ledger.hold_shared(&token, now);
         self.current.store(Some(token));
+        drop(ledger);
+        self.token_changed();
         true
     }
 
@@ -404,9 +463,11 @@ impl TokenStore {
             (rejection, dropped)
         };
         if rejection == Rejection::Marked {
+            self.token_changed();
             self.add_demand(|d| d.replacement = true);
         }
         for other in dropped {
+            other.token_changed();
             other.add_demand(|d| d.replacement = true);
         }
         rejection
@@ -478,7 +539,14 @@ impl TokenStore {
             };
         }
         if let Some(token) = self.servable(now) {
-            return Readiness::Ready(Some(token.remaining(now)));
+            // With a token file, ready once the file holds a token.
+            return match self.file_state() {
+                Some(FileState::WriteFailed) => {
+                    Readiness::NotReady(NotReadyReason::TokenFileWriteFailed)
+                }
+                Some(FileState::NotWritten) => Readiness::NotReady(NotReadyReason::NoTokenYet),
+                Some(FileState::Written) | None => Readiness::Ready(Some(token.remaining(now))),
+            };
         }
         Readiness::NotReady(if self.awaiting_replacement() {
             NotReadyReason::TokenRejected

@@ -316,6 +316,31 @@ fn unix_sockets_from_env() {
 }
 
 #[test]
+fn token_files_from_env() {
+    let config = load(&with_keys(&[
+        ("KLAVI_SIDECAR_KLAVI__TOKEN_FILE", "/var/run/klavi/token"),
+        ("KLAVI_SIDECAR_KLAVI__TOKEN_FILE_MODE", "0444"),
+        ("KLAVI_SIDECAR_KLAVI__TOKEN_FILE_FORMAT", "json"),
+    ]))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.profiles[0].token_file,
+        Some(TokenFileConfig {
+            path: "/var/run/klavi/token".into(),
+            mode: 0o444,
+            format: TokenFileFormat::Json,
+        })
+    );
+    // The defaults: no file; with a path, 0640 and raw.
+    let config = load(&with_keys(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.profiles[0].token_file, None);
+    let config = load(&with_keys(&[("KLAVI_SIDECAR_KLAVI__TOKEN_FILE", "/t/tok")]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let file = config.profiles[0].token_file.clone().unwrap();
+    assert_eq!((file.mode, file.format), (0o640, TokenFileFormat::Raw));
+}
+
+#[test]
 fn key_files() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let ak = dir.path().join("ak");

@@ -45,12 +45,6 @@ impl Config {
         }
         distinct_listeners(&server, &profiles)?;
         distinct_token_files(&profiles)?;
-        if let Some(p) = profiles.iter().find(|p| p.token_file.is_some()) {
-            return Err(ConfigError::new(
-                KeyNames::of(&p.name).klavi("token_file"),
-                "the token file is not part of this version yet; leave it empty",
-            ));
-        }
 
         Ok(Self {
             proxy: proxy(&raw, &profiles)?,

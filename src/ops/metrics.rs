@@ -72,6 +72,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    profile: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProxyLabels {
     profile: String,
     status: u16,
@@ -213,6 +219,7 @@ struct Families {
     leases: Family<OutcomeLabels, Counter>,
     proxy_requests: Family<ProxyLabels, Counter>,
     proxy_duration: HistogramFamily,
+    token_file_writes: Family<ResultLabels, Counter>,
     consecutive_failures: Family<ProfileLabel, Gauge>,
     token_expiry: Family<ProfileLabel, Gauge>,
     ready: Family<ProfileLabel, Gauge>,
@@ -255,6 +262,7 @@ impl Metrics {
             in_flight: Family::default(),
             budget_exhausted: Family::default(),
             rejected_tokens: Family::default(),
+            token_file_writes: Family::default(),
             pool_tokens: Family::default(),
             leases: Family::default(),
             proxy_requests: Family::default(),
@@ -315,6 +323,11 @@ impl Metrics {
             "rejected_tokens",
             "Current tokens reported rejected (POST /token/refresh with rejectedToken): each is never served again and replaced",
             f.rejected_tokens.clone(),
+        );
+        registry.register(
+            "token_file_writes",
+            "Writes of a profile's token file (SPEC 4.4) by result: success, or failure (retried with backoff; /readyz says token_file_write_failed)",
+            f.token_file_writes.clone(),
         );
         registry.register(
             "pool_tokens",
@@ -616,6 +629,30 @@ impl ProfileMetrics {
             .proxy_duration
             .get_or_create(&self.label())
             .clone()
+    }
+
+    /// The profile writes a token file: its write counters, at zero.
+    pub fn token_file(&self) {
+        for result in ["success", "failure"] {
+            let _ = self
+                .families
+                .token_file_writes
+                .get_or_create(&ResultLabels {
+                    profile: self.profile.clone(),
+                    result,
+                });
+        }
+    }
+
+    /// Counts a write of the token file.
+    pub fn token_file_written(&self, ok: bool) {
+        self.families
+            .token_file_writes
+            .get_or_create(&ResultLabels {
+                profile: self.profile.clone(),
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
     }
 
     /// Counts a current token reported rejected.

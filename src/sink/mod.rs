@@ -1,8 +1,9 @@
-//! Where tokens go besides the HTTP routes (issue 13, in steps).
+//! Where tokens go besides the HTTP routes: the token file (SPEC §4.4).
 //!
 //! - [`token_file`]: writing a file atomically, so a reader never sees it
-//!   half-written (SPEC §4.4). Not wired yet: `token_file` is still
-//!   refused by the configuration until the refresh task writes it, with
-//!   retries and readiness.
+//!   half-written;
+//! - [`writer`]: the task that keeps a profile's file equal to its
+//!   servable token, with retries and readiness.
 
 pub mod token_file;
+pub mod writer;

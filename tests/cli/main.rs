@@ -511,4 +511,5 @@ mod profiles;
 mod proxy;
 mod redaction;
 mod sidecar;
+mod token_file;
 mod unix;

@@ -19,6 +19,7 @@ mod fast;
 mod guard;
 mod probes;
 mod render;
+pub use render::Rendered;
 mod token;
 
 use std::sync::Arc;

@@ -6,8 +6,11 @@
 //! prepares every profile: its keys and its store.
 //! [`Application::run_until_stopped`] starts both servers, then builds the
 //! HTTP clients for Klavi and starts each profile's refresh task and
-//! key-file watcher; on shutdown the servers drain within the grace, then
-//! the refresh tasks stop.
+//! key-file watcher and token-file writer; on shutdown the servers drain
+//! within the grace, then the refresh tasks stop (and the token files are
+//! removed). [`init`] runs the same profile tasks without listeners.
+
+pub mod init;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use crate::proxy::{Forwarder, ForwarderConfig, proxy_router};
 use crate::serve::http::{AppState, Guard, ops_router, token_fast_path, token_router};
 use crate::serve::listener::Listener;
 use crate::serve::server::{self, BindError, ListenAddr};
+use crate::sink::writer::{OnStop, TokenFileWriter};
 use crate::upstream::credentials::Credentials;
 use crate::upstream::klavi::{HttpClients, KlaviClient};
 
@@ -85,6 +89,141 @@ struct Parts {
     proxy: Option<(Listener, ListenAddr)>,
 }
 
+/// Every profile of `configs`, its keys loaded and its store built
+/// (with one token ledger for the process: profiles with the same keys may
+/// be sent the same token, and what one leased or saw rejected the others
+/// must know); no listener yet.
+fn prepare(configs: &[ProfileConfig]) -> Result<Vec<Parts>, StartError> {
+    let ledger = Arc::new(TokenLedger::default());
+    let mut profiles = Vec::with_capacity(configs.len());
+    for profile in configs {
+        let credentials = Arc::new(Credentials::load(&profile.name, &profile.klavi)?);
+        let refresh = &profile.refresh;
+        let (margin, min_interval) = (refresh.policy.serve_margin, refresh.policy.min_interval);
+        let mut store = match profile.mode {
+            TokenMode::Shared => TokenStore::new(margin, min_interval, refresh.wait),
+            TokenMode::SingleUse { pool_size } => {
+                TokenStore::single_use(margin, min_interval, refresh.wait, pool_size)
+            }
+        };
+        if profile.token_file.is_some() {
+            store = store.with_token_file();
+        }
+        profiles.push(Parts {
+            config: profile.clone(),
+            credentials,
+            store: Arc::new(store.with_ledger(Arc::clone(&ledger))),
+            proxy: None,
+        });
+    }
+    // A token rejected on one profile is dropped by every other that
+    // holds it.
+    for parts in &profiles {
+        let others = profiles
+            .iter()
+            .filter(|other| !Arc::ptr_eq(&other.store, &parts.store))
+            .map(|other| Arc::downgrade(&other.store))
+            .collect();
+        parts.store.know_others(others);
+    }
+    Ok(profiles)
+}
+
+/// Each profile as its consumers see it, its metrics at zero.
+fn consumers(parts: &[Parts], metrics: &Metrics) -> Vec<Arc<Profile>> {
+    parts
+        .iter()
+        .map(|p| {
+            // Alive from the start: its task follows in milliseconds, or
+            // the process stops.
+            p.store.update_state(|s| s.task_alive = true);
+            let profile_metrics = metrics.profile(&p.config.name);
+            if p.store.is_single_use() {
+                profile_metrics.single_use();
+            }
+            if p.config.proxy_listen.is_some() {
+                // At zero before the first scrape; the proxy starts once
+                // its client is built.
+                let _ = profile_metrics.proxied();
+            }
+            if p.config.token_file.is_some() {
+                profile_metrics.token_file();
+            }
+            Arc::new(Profile::new(
+                &p.config.name,
+                Arc::clone(&p.store),
+                profile_metrics,
+                p.config.required,
+            ))
+        })
+        .collect()
+}
+
+/// Starts, into `tasks`, each profile's refresh task, key-file watcher and
+/// token-file writer (which does `on_stop` with its file), all stopping
+/// with `stop`.
+fn start_profiles(
+    parts: Vec<Parts>,
+    profiles: &Profiles,
+    clients: Vec<reqwest::Client>,
+    on_stop: OnStop,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    for ((parts, profile), shared) in parts.into_iter().zip(profiles.iter()).zip(clients) {
+        let client = KlaviClient::over(
+            shared,
+            &parts.config.klavi,
+            parts.config.refresh.fallback_ttl,
+            Arc::clone(&parts.credentials),
+            Arc::new(SystemClock),
+        );
+        let key_changes = Arc::new(Notify::new());
+        if let Some(watcher) = parts
+            .credentials
+            .watch(Arc::clone(&key_changes), stop.clone())
+        {
+            tasks.spawn(async move {
+                let _ = watcher.await;
+            });
+        }
+        if let Some(file) = &parts.config.token_file {
+            let writer = TokenFileWriter::for_config(
+                Arc::clone(profile),
+                file,
+                parts.config.refresh.policy.clone(),
+                on_stop,
+            );
+            tasks.spawn(writer.run(stop.clone()));
+        }
+        let observer: Arc<dyn RefreshObserver> = Arc::new(profile.metrics().clone());
+        let refresher = Refresher::new(
+            client,
+            Arc::clone(&parts.store),
+            parts.config.refresh.policy.clone(),
+        )
+        .key_changes(key_changes)
+        .observer(observer)
+        .name(&parts.config.name)
+        .spawn(stop.clone());
+        tasks.spawn(async move {
+            let _ = refresher.await;
+        });
+    }
+}
+
+/// Builds every profile's auth client (and proxy client) off the runtime's
+/// threads, so servers answer meanwhile.
+async fn clients_for(
+    parts: &[Parts],
+) -> Result<(Vec<reqwest::Client>, Vec<Option<UpstreamClient>>), StartError> {
+    let configs: Vec<_> = parts.iter().map(|p| p.config.clone()).collect();
+    tokio::task::spawn_blocking(move || build_clients(&configs))
+        .await
+        .unwrap_or_else(|error| Err(format!("the client builder failed: {error}")))
+        .map_err(StartError::Client)
+}
+
 /// The sidecar, bound and ready to run.
 #[derive(Debug)]
 pub struct Application {
@@ -135,45 +274,12 @@ impl Application {
                  auth requests); use one profile"
             );
         }
-        let mut profiles = Vec::with_capacity(config.profiles.len());
-        // One ledger for the process: profiles with the same keys may be
-        // sent the same token, and what one leased or saw rejected the
-        // others must know.
-        let ledger = Arc::new(TokenLedger::default());
-        for profile in &config.profiles {
-            let credentials = Arc::new(Credentials::load(&profile.name, &profile.klavi)?);
-            let refresh = &profile.refresh;
-            let (margin, min_interval) = (refresh.policy.serve_margin, refresh.policy.min_interval);
-            let store = match profile.mode {
-                TokenMode::Shared => TokenStore::new(margin, min_interval, refresh.wait),
-                TokenMode::SingleUse { pool_size } => {
-                    TokenStore::single_use(margin, min_interval, refresh.wait, pool_size)
-                }
-            };
-            let store = Arc::new(store.with_ledger(Arc::clone(&ledger)));
-            let proxy = match &profile.proxy_listen {
-                Some(addr) => {
-                    let key = KeyNames::of(&profile.name).klavi("proxy_listen");
-                    Some(bind(&key, addr, mode).await?)
-                }
-                None => None,
-            };
-            profiles.push(Parts {
-                config: profile.clone(),
-                credentials,
-                store,
-                proxy,
-            });
-        }
-        // A token rejected on one profile is dropped by every other that
-        // holds it.
-        for parts in &profiles {
-            let others = profiles
-                .iter()
-                .filter(|other| !Arc::ptr_eq(&other.store, &parts.store))
-                .map(|other| Arc::downgrade(&other.store))
-                .collect();
-            parts.store.know_others(others);
+        let mut profiles = prepare(&config.profiles)?;
+        for parts in &mut profiles {
+            if let Some(addr) = &parts.config.proxy_listen {
+                let key = KeyNames::of(&parts.config.name).klavi("proxy_listen");
+                parts.proxy = Some(bind(&key, addr, mode).await?);
+            }
         }
         Ok(Self {
             config,
@@ -219,29 +325,7 @@ impl Application {
             profiles: mut parts,
         } = self;
         let metrics = Arc::new(Metrics::new(Arc::new(SystemClock)));
-        let served: Vec<Arc<Profile>> = parts
-            .iter()
-            .map(|p| {
-                // Alive from the start: its task follows in milliseconds,
-                // or the process stops.
-                p.store.update_state(|s| s.task_alive = true);
-                let profile_metrics = metrics.profile(&p.config.name);
-                if p.store.is_single_use() {
-                    profile_metrics.single_use();
-                }
-                if p.proxy.is_some() {
-                    // At zero before the first scrape; the proxy starts
-                    // once its client is built.
-                    let _ = profile_metrics.proxied();
-                }
-                Arc::new(Profile::new(
-                    &p.config.name,
-                    Arc::clone(&p.store),
-                    profile_metrics,
-                    p.config.required,
-                ))
-            })
-            .collect();
+        let served = consumers(&parts, &metrics);
         let names: Vec<String> = served.iter().map(|p| p.name().to_string()).collect();
         let profiles = Profiles::new(served);
 
@@ -282,17 +366,12 @@ impl Application {
             ));
         }
 
-        // Off the runtime's thread, so the servers answer meanwhile.
-        let klavi_configs: Vec<_> = parts.iter().map(|p| p.config.clone()).collect();
-        let clients = tokio::task::spawn_blocking(move || build_clients(&klavi_configs))
-            .await
-            .unwrap_or_else(|error| Err(format!("the client builder failed: {error}")));
-        let (clients, proxy_clients) = match clients {
+        let (clients, proxy_clients) = match clients_for(&parts).await {
             Ok(built) => built,
             Err(error) => {
                 stop_servers.cancel();
                 while servers.join_next().await.is_some() {}
-                return Err(StartError::Client(error));
+                return Err(error);
             }
         };
 
@@ -329,37 +408,14 @@ impl Application {
 
         let stop_refresh = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        for ((parts, profile), shared) in parts.into_iter().zip(profiles.iter()).zip(clients) {
-            let client = KlaviClient::over(
-                shared,
-                &parts.config.klavi,
-                parts.config.refresh.fallback_ttl,
-                Arc::clone(&parts.credentials),
-                Arc::new(SystemClock),
-            );
-            let key_changes = Arc::new(Notify::new());
-            if let Some(watcher) = parts
-                .credentials
-                .watch(Arc::clone(&key_changes), stop_refresh.clone())
-            {
-                tasks.spawn(async move {
-                    let _ = watcher.await;
-                });
-            }
-            let observer: Arc<dyn RefreshObserver> = Arc::new(profile.metrics().clone());
-            let refresher = Refresher::new(
-                client,
-                Arc::clone(&parts.store),
-                parts.config.refresh.policy.clone(),
-            )
-            .key_changes(key_changes)
-            .observer(observer)
-            .name(&parts.config.name)
-            .spawn(stop_refresh.clone());
-            tasks.spawn(async move {
-                let _ = refresher.await;
-            });
-        }
+        start_profiles(
+            parts,
+            &profiles,
+            clients,
+            OnStop::Remove,
+            &stop_refresh,
+            &mut tasks,
+        );
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             token_listener = %token_addr,
