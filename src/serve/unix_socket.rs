@@ -25,8 +25,9 @@ use std::path::{Path, PathBuf};
 pub const MAX_PATH_BYTES: usize = 107;
 
 /// Bytes the temporary name adds to the socket's directory:
-/// `/.sidecar-` and up to 10 digits of the pid.
-pub const TEMPORARY_NAME_BYTES: usize = 20;
+/// `/.sidecar-`, up to 10 digits of the pid, `-` and 8 random hex digits
+/// (in containers every sidecar may be pid 1).
+pub const TEMPORARY_NAME_BYTES: usize = 29;
 
 /// Why a unix socket could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -83,9 +84,6 @@ pub fn bind(
     };
     check_occupant(path)?;
     let temporary = temporary_beside(path);
-    // A leftover of a process with our pid (a recycled pid) is ours to
-    // replace.
-    let _ = fs::remove_file(&temporary);
     let listener = std::os::unix::net::UnixListener::bind(&temporary).map_err(io_error)?;
     let placed = fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
         .and_then(|()| fs::rename(&temporary, path));
@@ -129,9 +127,14 @@ fn check_occupant(path: &Path) -> Result<(), UnixBindError> {
     }
 }
 
-/// `DIR/.sidecar-PID` for `DIR/NAME`: short, since socket paths are.
+/// `DIR/.sidecar-PID-RANDOM` for `DIR/NAME`: short, since socket paths
+/// are, and apart from any other sidecar's.
 fn temporary_beside(path: &Path) -> PathBuf {
-    path.with_file_name(format!(".sidecar-{}", std::process::id()))
+    path.with_file_name(format!(
+        ".sidecar-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ))
 }
 
 #[cfg(test)]
