@@ -120,7 +120,13 @@ struct Run {
 
 /// `connections` threads, each one connection, for `seconds`; the CPU time
 /// `pid` spent meanwhile is charged to the requests completed.
-fn load(target: &Target, connections: u32, seconds: u64, pid: u32, tick: f64) -> Result<Run, Error> {
+fn load(
+    target: &Target,
+    connections: u32,
+    seconds: u64,
+    pid: u32,
+    tick: f64,
+) -> Result<Run, Error> {
     let before = cpu_ticks(pid);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
@@ -274,7 +280,14 @@ fn run(args: &Args, tick: f64, dir: &Path) -> Result<(), Error> {
                     .collect(),
             )
         };
-        let rps = |name: &str| median(results[&(connections, name)].iter().map(|r| r.rps).collect());
+        let rps = |name: &str| {
+            median(
+                results[&(connections, name)]
+                    .iter()
+                    .map(|r| r.rps)
+                    .collect(),
+            )
+        };
         let ratio = cpu("unix socket") / cpu("TCP loopback");
         println!(
             "c={connections}: unix/TCP CPU per request {ratio:.2} (target ≤ 0.80: {}), throughput {:.2}",
@@ -302,7 +315,10 @@ fn start_sidecar(args: &Args, upstream: SocketAddr, listen: &str) -> Result<Proc
             .env_clear()
             .env("KLAVI_ACCESS_KEY", "bench-access-key")
             .env("KLAVI_SECRET_KEY", "bench-secret-key")
-            .env("KLAVI_SIDECAR_KLAVI__BASE_URL", format!("http://{upstream}"))
+            .env(
+                "KLAVI_SIDECAR_KLAVI__BASE_URL",
+                format!("http://{upstream}"),
+            )
             .env("RUST_LOG", "warn"),
     )
 }
