@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use klavi_sidecar_testkit::bench::{
-    Error, Proc, Run, Wrk, clock_ticks_per_second, free_addr, get, median, rss_kib, wait_for,
+    BENCH_TOKEN, Error, Proc, Run, Wrk, clock_ticks_per_second, free_addr, median, rss_kib,
+    start_upstream, wait_answering, wait_for,
 };
 
 #[derive(Debug, Parser)]
@@ -68,33 +69,15 @@ fn main() -> Result<(), Error> {
 }
 
 fn run(args: &Args, tick: f64, dir: &Path) -> Result<(), Error> {
-    let token = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJiZW5jaCJ9.bench-signature-0123456789abcdef";
-    let expire_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
-    let body_file = dir.join("auth.json");
-    std::fs::write(
-        &body_file,
-        format!("{{\"accessToken\":\"{token}\",\"expireAt\":{expire_at}}}"),
-    )?;
-
-    let upstream_addr = free_addr()?;
-    let upstream = Proc::spawn(
-        "upstream",
-        Command::new(args.bin_dir.join("examples/reference_server"))
-            .args(["--listen", &upstream_addr.to_string()])
-            .arg("--body-file")
-            .arg(&body_file),
-    )?;
-    wait_up(upstream_addr)?;
+    let token = BENCH_TOKEN;
+    let (upstream, upstream_addr) = start_upstream(&args.bin_dir, dir)?;
 
     let sidecar = start_sidecar(args, upstream_addr, true)?;
     let quiet = start_sidecar(args, upstream_addr, false)?;
     let nginx_addr = free_addr()?;
     let nginx = start_nginx(args, dir, nginx_addr, upstream_addr, token)?;
     let nginx_pids = nginx_pids(nginx.pid());
-    wait_up(nginx_addr)?;
+    wait_answering(nginx_addr)?;
 
     let contestants = [
         Contestant {
@@ -190,17 +173,6 @@ fn wrk_of(args: &Args, c: &Contestant, connections: u32, seconds: u64) -> Wrk {
 
 fn cpu_of(pid: u32) -> u64 {
     klavi_sidecar_testkit::bench::cpu_ticks(pid)
-}
-
-/// Waits until `addr` answers HTTP at all.
-fn wait_up(addr: SocketAddr) -> Result<(), Error> {
-    for _ in 0..500 {
-        if get(addr, "/", false).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Err(format!("nothing answers on {addr}").into())
 }
 
 /// The sidecar with its default profile's proxy in front of `upstream`,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use klavi_sidecar_testkit::bench::{
-    Error, Proc, clock_ticks_per_second, cpu_ticks, free_addr, get, median, rss_kib,
+    Error, Proc, clock_ticks_per_second, cpu_ticks, free_addr, median, rss_kib, start_upstream,
 };
 
 #[derive(Debug, Parser)]
@@ -195,25 +195,7 @@ fn main() -> Result<(), Error> {
 }
 
 fn run(args: &Args, tick: f64, dir: &Path) -> Result<(), Error> {
-    let token = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJiZW5jaCJ9.bench-signature-0123456789abcdef";
-    let expire_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
-    let body_file = dir.join("auth.json");
-    std::fs::write(
-        &body_file,
-        format!("{{\"accessToken\":\"{token}\",\"expireAt\":{expire_at}}}"),
-    )?;
-    let upstream_addr = free_addr()?;
-    let upstream = Proc::spawn(
-        "upstream",
-        Command::new(args.bin_dir.join("examples/reference_server"))
-            .args(["--listen", &upstream_addr.to_string()])
-            .arg("--body-file")
-            .arg(&body_file),
-    )?;
-    wait_answering(upstream_addr)?;
+    let (upstream, upstream_addr) = start_upstream(&args.bin_dir, dir)?;
 
     let socket = dir.join("token.sock");
     let tcp_addr = free_addr()?;
@@ -321,17 +303,6 @@ fn start_sidecar(args: &Args, upstream: SocketAddr, listen: &str) -> Result<Proc
             )
             .env("RUST_LOG", "warn"),
     )
-}
-
-/// Waits until `addr` answers HTTP at all.
-fn wait_answering(addr: SocketAddr) -> Result<(), Error> {
-    for _ in 0..500 {
-        if get(addr, "/", false).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Err(format!("{addr} never answered").into())
 }
 
 /// Waits until `GET /token` answers 200 on `target`.

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,47 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The token the bench's Klavi hands out.
+pub const BENCH_TOKEN: &str =
+    "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJiZW5jaCJ9.bench-signature-0123456789abcdef";
+
+/// The bench's Klavi: `examples/reference_server` (from `bin_dir`)
+/// answering every path with one auth response ([`BENCH_TOKEN`], an hour
+/// to live), so it is a sidecar's auth endpoint and a fast Klavi API at
+/// once; its body file goes in `dir`. Answering when this returns.
+pub fn start_upstream(bin_dir: &Path, dir: &Path) -> Result<(Proc, SocketAddr), Error> {
+    let expire_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let body_file = dir.join("auth.json");
+    std::fs::write(
+        &body_file,
+        format!("{{\"accessToken\":\"{BENCH_TOKEN}\",\"expireAt\":{expire_at}}}"),
+    )?;
+    let addr = free_addr()?;
+    let upstream = Proc::spawn(
+        "upstream",
+        Command::new(bin_dir.join("examples/reference_server"))
+            .args(["--listen", &addr.to_string()])
+            .arg("--body-file")
+            .arg(&body_file),
+    )?;
+    wait_answering(addr)?;
+    Ok((upstream, addr))
+}
+
+/// Waits (up to 5 s) until `addr` answers HTTP at all.
+pub fn wait_answering(addr: SocketAddr) -> Result<(), Error> {
+    for _ in 0..500 {
+        if get(addr, "/", false).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(format!("nothing answers on {addr}").into())
 }
 
 pub fn free_addr() -> Result<SocketAddr, Error> {
