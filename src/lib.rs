@@ -26,14 +26,16 @@
 //!   connections with limits, an overflow lane and a bounded drain.
 //! - [`proxy`]: a profile's proxy listener: apps' requests forwarded to
 //!   Klavi with the token added, replayed once after a 401.
-//! - [`sink`]: where tokens go besides HTTP (being built, issue 13): so
-//!   far the atomic file replacement a token file needs.
+//! - [`sink`]: where tokens go besides HTTP: the token file, replaced
+//!   atomically and kept equal to the servable token.
+//! - [`fleet`]: fleet mode (being built, issue 14): so far the sealed
+//!   record sidecars would share through Redis.
 //! - [`ops`]: what operators see. Prometheus [`ops::metrics`] with a
 //!   `profile` label, the log subscriber, the `healthcheck` command, memory
 //!   release.
 //! - [`app`] builds a profile per configured key pair, binds the listeners
 //!   and runs everything until shutdown ([`shutdown`] turns signals into a
-//!   token); [`cli`] is the commands and their exit codes (`main.rs` only
+//!   token), and runs `init` ([`app::init`]); [`cli`] is the commands and their exit codes (`main.rs` only
 //!   calls it).
 //!
 //! Around it: [`fake_klavi`] (a scriptable fake Klavi, with fault
@@ -68,6 +70,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fake_klavi;
+pub mod fleet;
 pub mod ops;
 pub mod profile;
 pub mod proxy;

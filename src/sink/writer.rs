@@ -1,7 +1,7 @@
 //! The task that keeps a profile's token file (SPEC §4.4) equal to its
 //! servable token.
 //!
-//! It follows the store ([`TokenStore::watch_token`]), never the refresh
+//! It follows the store (`TokenStore::watch_token`), never the refresh
 //! task: each new token is written, atomically, off the runtime's threads;
 //! when the profile holds no servable token any more (rejected, or expired
 //! during an outage) the file is removed, so the file, when present, holds
