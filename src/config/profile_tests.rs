@@ -305,6 +305,20 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
             "clashes with profiles.a.proxy_listen",
         ),
         (
+            format!(
+                "[server]\nlisten = \"unix:/run/k/t.sock\"\n[profiles.a]\n{keys}token_file = \"/run/k/t.sock\"\n"
+            ),
+            "profiles.a.token_file",
+            "is the socket of server.listen",
+        ),
+        (
+            format!(
+                "[profiles.a]\n{keys}proxy_listen = \"unix:/run/k/p.sock\"\n[profiles.b]\n{keys}token_file = \"/run/k/p.sock\"\n"
+            ),
+            "profiles.b.token_file",
+            "is the socket of profiles.a.proxy_listen",
+        ),
+        (
             format!("[profiles.a]\n{keys}token_file = \"tok\"\n"),
             "profiles.a.token_file",
             "absolute path",

@@ -44,7 +44,7 @@ impl Config {
             profiles.push(profile(name, &klavi, &refresh, &raw)?);
         }
         distinct_listeners(&server, &profiles)?;
-        distinct_token_files(&profiles)?;
+        distinct_token_files(&server, &profiles)?;
 
         Ok(Self {
             proxy: proxy(&raw, &profiles)?,
@@ -271,13 +271,39 @@ fn check_name(name: &str) -> Result<(), ConfigError> {
 }
 
 /// No two profiles share a non-empty value of `key`.
-/// No two profiles write one token file.
-fn distinct_token_files(profiles: &[ProfileConfig]) -> Result<(), ConfigError> {
+/// No two profiles write one token file, and none writes where a unix
+/// socket listens (the writer would replace the socket).
+fn distinct_token_files(
+    server: &ServerConfig,
+    profiles: &[ProfileConfig],
+) -> Result<(), ConfigError> {
+    let sockets: Vec<(&Path, String)> =
+        std::iter::once((&server.listen, "server.listen".to_string()))
+            .chain(profiles.iter().filter_map(|p| {
+                Some((
+                    p.proxy_listen.as_ref()?,
+                    KeyNames::of(&p.name).klavi("proxy_listen"),
+                ))
+            }))
+            .filter_map(|(addr, key)| match addr {
+                ListenAddr::Unix(path) => Some((path.as_path(), key)),
+                ListenAddr::Tcp(_) => None,
+            })
+            .collect();
     let mut seen: BTreeMap<&Path, &str> = BTreeMap::new();
     for profile in profiles {
         let Some(file) = &profile.token_file else {
             continue;
         };
+        if let Some((_, key)) = sockets.iter().find(|(path, _)| *path == file.path) {
+            return Err(ConfigError::new(
+                KeyNames::of(&profile.name).klavi("token_file"),
+                format!(
+                    "{:?} is the socket of {key}; the token file needs a path of its own",
+                    file.path.display()
+                ),
+            ));
+        }
         if let Some(first) = seen.insert(&file.path, &profile.name) {
             return Err(ConfigError::new(
                 KeyNames::of(&profile.name).klavi("token_file"),
