@@ -319,6 +319,16 @@ fn bad_profiles_are_one_line_naming_the_full_key() {
             "is the socket of profiles.a.proxy_listen",
         ),
         (
+            "[profiles.a]\naccess_key = \"a\"\nsecret_key_file = \"/etc/hostname\"\ntoken_file = \"/etc/hostname\"\n".into(),
+            "profiles.a.token_file",
+            "is profiles.a.secret_key_file",
+        ),
+        (
+            format!("[server]\nsocket_mode = \"0440\"\n[profiles.a]\n{keys}"),
+            "server.socket_mode",
+            "owner's write bit",
+        ),
+        (
             format!("[profiles.a]\n{keys}token_file = \"tok\"\n"),
             "profiles.a.token_file",
             "absolute path",

@@ -105,7 +105,7 @@ fn server(raw: &RawConfig) -> Result<ServerConfig, ConfigError> {
         },
         max_body_bytes: usize::try_from(s.max_body_bytes).unwrap_or(usize::MAX),
         request_timeout: ms(s.request_timeout_ms),
-        socket_mode: file_mode("server.socket_mode", &s.socket_mode)?,
+        socket_mode: socket_mode(&s.socket_mode)?,
     })
 }
 
@@ -125,6 +125,22 @@ fn file_mode(key: &str, text: &str) -> Result<u32, ConfigError> {
             format!("{text:?} is not an octal permission mode from 0000 to 0777 (e.g. \"0660\")"),
         )
     })
+}
+
+/// `server.socket_mode`: connecting needs write permission, so without
+/// the owner's write bit not even the sidecar's own user could use the
+/// socket, nor tell a stale one from a live one at the next start.
+fn socket_mode(text: &str) -> Result<u32, ConfigError> {
+    let mode = file_mode("server.socket_mode", text)?;
+    if mode & 0o200 == 0 {
+        return Err(ConfigError::new(
+            "server.socket_mode",
+            format!(
+                "{text:?} lacks the owner's write bit: connecting to a socket needs it (e.g. \"0660\")"
+            ),
+        ));
+    }
+    Ok(mode)
 }
 
 /// A profile's token file: off when `token_file` is empty; else an
@@ -295,6 +311,29 @@ fn distinct_token_files(
         let Some(file) = &profile.token_file else {
             continue;
         };
+        let key_files = profiles.iter().flat_map(|p| {
+            [
+                (
+                    &p.klavi.access_key,
+                    KeyNames::of(&p.name).klavi("access_key_file"),
+                ),
+                (
+                    &p.klavi.secret_key,
+                    KeyNames::of(&p.name).klavi("secret_key_file"),
+                ),
+            ]
+        });
+        for (source, key) in key_files {
+            if matches!(source, KeySource::File(path) if *path == file.path) {
+                return Err(ConfigError::new(
+                    KeyNames::of(&profile.name).klavi("token_file"),
+                    format!(
+                        "{:?} is {key}; the token file would overwrite the key",
+                        file.path.display()
+                    ),
+                ));
+            }
+        }
         if let Some((_, key)) = sockets.iter().find(|(path, _)| *path == file.path) {
             return Err(ConfigError::new(
                 KeyNames::of(&profile.name).klavi("token_file"),

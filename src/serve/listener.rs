@@ -220,10 +220,12 @@ pub async fn bind(
         }
         ListenAddr::Unix(path) => {
             let (listener, file) =
-                unix_socket::bind(path, socket_mode).map_err(|source| BindError::Unix {
-                    key: key.to_string(),
-                    source,
-                })?;
+                unix_socket::bind(path, socket_mode)
+                    .await
+                    .map_err(|source| BindError::Unix {
+                        key: key.to_string(),
+                        source,
+                    })?;
             Ok((Listener::Unix(listener, Some(file)), addr.clone()))
         }
     }

@@ -74,7 +74,7 @@ impl Drop for SocketFile {
 
 /// Binds a unix socket at `path` with permissions `mode` (e.g. `0o660`),
 /// replacing a stale socket there; call it inside a tokio runtime.
-pub fn bind(
+pub async fn bind(
     path: &Path,
     mode: u32,
 ) -> Result<(tokio::net::UnixListener, SocketFile), UnixBindError> {
@@ -82,7 +82,7 @@ pub fn bind(
         path: path.to_path_buf(),
         source,
     };
-    check_occupant(path)?;
+    check_occupant(path).await?;
     let temporary = temporary_beside(path);
     let listener = std::os::unix::net::UnixListener::bind(&temporary).map_err(io_error)?;
     let placed = fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
@@ -102,7 +102,7 @@ pub fn bind(
 }
 
 /// Whether the path is free to take: nothing there, or a stale socket.
-fn check_occupant(path: &Path) -> Result<(), UnixBindError> {
+async fn check_occupant(path: &Path) -> Result<(), UnixBindError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -116,11 +116,22 @@ fn check_occupant(path: &Path) -> Result<(), UnixBindError> {
     if !meta.file_type().is_socket() {
         return Err(UnixBindError::NotASocket(path.to_path_buf()));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(UnixBindError::InUse(path.to_path_buf())),
+    // Non-blocking, and bounded: a live process that does not accept (its
+    // backlog full, stopped) must not hang the start.
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        tokio::net::UnixStream::connect(path),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) | Err(_) => Err(UnixBindError::InUse(path.to_path_buf())),
+        // A full backlog: someone listens.
+        Ok(Err(error)) if error.kind() == io::ErrorKind::WouldBlock => {
+            Err(UnixBindError::InUse(path.to_path_buf()))
+        }
         // No one listens: a socket left by a process that died.
-        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
-        Err(source) => Err(UnixBindError::Io {
+        Ok(Err(error)) if error.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
+        Ok(Err(source)) => Err(UnixBindError::Io {
             path: path.to_path_buf(),
             source,
         }),
@@ -150,7 +161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token.sock");
         for mode in [0o600, 0o660, 0o666] {
-            let (listener, file) = bind(&path, mode).unwrap();
+            let (listener, file) = bind(&path, mode).await.unwrap();
             assert_eq!(mode_of(&path), mode);
             assert_eq!(file.path(), path);
             let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
@@ -169,11 +180,11 @@ mod tests {
         // Stale: bound, then its listener gone without removing the file.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let (listener, file) = bind(&path, 0o660).unwrap();
+        let (listener, file) = bind(&path, 0o660).await.unwrap();
         assert_eq!(mode_of(&path), 0o660);
 
         // Live: the socket above answers.
-        match bind(&path, 0o660) {
+        match bind(&path, 0o660).await {
             Err(UnixBindError::InUse(p)) => assert_eq!(p, path),
             other => panic!("{other:?}"),
         }
@@ -188,7 +199,7 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&plain, &link).unwrap();
         for occupied in [&plain, &directory, &link] {
-            match bind(occupied, 0o660) {
+            match bind(occupied, 0o660).await {
                 Err(UnixBindError::NotASocket(p)) => assert_eq!(&p, occupied),
                 other => panic!("{occupied:?}: {other:?}"),
             }
@@ -201,7 +212,7 @@ mod tests {
     async fn a_missing_directory_is_an_error_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("missing").join("token.sock");
-        match bind(&path, 0o660) {
+        match bind(&path, 0o660).await {
             Err(UnixBindError::Io { path: p, source }) => {
                 assert_eq!(p, path);
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);
@@ -214,7 +225,7 @@ mod tests {
     async fn a_socket_that_replaced_ours_is_not_removed_by_our_exit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token.sock");
-        let (listener, file) = bind(&path, 0o660).unwrap();
+        let (listener, file) = bind(&path, 0o660).await.unwrap();
         // Another process took the path over (removed ours, bound anew).
         fs::remove_file(&path).unwrap();
         let theirs = std::os::unix::net::UnixListener::bind(&path).unwrap();

@@ -37,13 +37,20 @@ pub fn remove(path: &Path) -> io::Result<()> {
     }
 }
 
-/// `DIR/.NAME.tmp-PID-N` for `DIR/NAME`.
+/// `DIR/.NAME.tmp-PID-N-RANDOM` for `DIR/NAME`.
 fn temporary_beside(path: &Path) -> io::Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
     let n = TEMPORARIES.fetch_add(1, Ordering::Relaxed);
-    let temporary = format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id());
+    // A random part too: in containers every sidecar is pid 1, and the
+    // counter starts again at each run.
+    let temporary = format!(
+        ".{}.tmp-{}-{n}-{:08x}",
+        name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u32>()
+    );
     Ok(path.with_file_name(temporary))
 }
 
