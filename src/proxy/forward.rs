@@ -207,7 +207,7 @@ pub async fn forward(State(forwarder): State<Arc<Forwarder>>, request: Request) 
             replayed = answer.outcome == ProxyOutcome::Replayed,
             klavi_request_id = request_id.unwrap_or_default(),
             sidecar_error = %error.unwrap_or("none"),
-            peer = %peer.map_or_else(|| "unknown".to_string(), |peer| peer.to_string()),
+            peer = %peer.as_ref().map_or(&"unknown" as &dyn std::fmt::Display, |p| p),
             "proxied"
         );
     }

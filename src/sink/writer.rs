@@ -142,7 +142,6 @@ impl TokenFileWriter {
     pub async fn run(self, stop: CancellationToken) {
         let store = Arc::clone(self.profile.store());
         let mut changes = store.watch_token();
-        self.profile.metrics().token_file();
         self.remove("left by an earlier run").await;
         // The token the file holds, and the retry schedule of a failing
         // write.

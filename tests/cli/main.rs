@@ -28,6 +28,14 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The binary's own error lines in `stderr` (log lines aside).
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("klavi-token-sidecar:"))
+        .collect()
+}
+
 const KEYS: [(&str, &str); 2] = [
     ("KLAVI_ACCESS_KEY", "cli-test-access-key"),
     ("KLAVI_SECRET_KEY", "cli-test-secret-key"),
@@ -165,10 +173,7 @@ fn a_taken_port_exits_1_with_one_line() {
     let output = run(&["run", "--listen", &addr, "--ops-listen", ""], &KEYS);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let errors: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.starts_with("klavi-token-sidecar:"))
-        .collect();
+    let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(
         errors[0].contains(&format!("cannot listen on {addr} (server.listen)")),

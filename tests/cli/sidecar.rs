@@ -5,6 +5,14 @@ use klavi_token_sidecar::fake_klavi::FakeKlavi;
 
 use super::*;
 
+/// The value of `series` (name and labels, exactly) in a `/metrics` text.
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series}"))
+}
+
 /// The guard's header.
 pub const HEADER: (&str, &str) = ("Klavi-Sidecar", "true");
 
@@ -142,10 +150,7 @@ impl Sidecar {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {series}"))
+        metric_in(&text, series)
     }
 
     pub fn stop(mut self) -> String {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig};
 
-use super::sidecar::{HEADER, Sidecar};
+use super::sidecar::{HEADER, Sidecar, metric_in};
 use super::*;
 
 /// Polls `check` every 20 ms for up to 10 s.
@@ -168,15 +168,10 @@ async fn a_file_that_cannot_be_written_is_retried_and_makes_the_profile_unready(
         .text()
         .await
         .unwrap();
-    let failures: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "klavi_sidecar_token_file_writes_total{profile=\"default\",result=\"failure\"} ",
-            )
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let failures = metric_in(
+        &metrics,
+        "klavi_sidecar_token_file_writes_total{profile=\"default\",result=\"failure\"}",
+    );
     assert!(failures >= 2.0, "{failures}");
     let log = process.stop();
     assert!(
@@ -253,10 +248,7 @@ async fn init_that_cannot_get_a_token_exits_1_within_the_backoff_floor() {
     let took = started.elapsed();
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let errors: Vec<_> = stderr
-        .lines()
-        .filter(|l| l.starts_with("klavi-token-sidecar:"))
-        .collect();
+    let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(
         errors[0].contains("init: not every token file was written within 2 s")
