@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq as _;
 pub const REDACTED: &str = "[REDACTED]";
 
 /// A string that must never reach a log, an error message or `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
 
 impl Secret {
@@ -61,6 +61,19 @@ impl TokenDigest {
     /// First 8 hex digits: the token's fingerprint, safe to log.
     pub fn fingerprint(&self) -> String {
         hex::encode(&self.0[..4])
+    }
+
+    /// All of it in hex, for a sidecar of the fleet to recognise the token
+    /// by (it reveals nothing of the token).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The digest written by [`Self::to_hex`].
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(Self(bytes))
     }
 }
 
@@ -129,5 +142,8 @@ mod tests {
         assert_ne!(abc, TokenDigest::of("abd"));
         assert_ne!(abc, TokenDigest::of(""));
         assert_eq!(format!("{abc:?}"), "TokenDigest(ba7816bf)");
+        assert_eq!(TokenDigest::from_hex(&abc.to_hex()), Some(abc));
+        assert_eq!(TokenDigest::from_hex("ba7816bf"), None);
+        assert_eq!(TokenDigest::from_hex(&"zz".repeat(32)), None);
     }
 }

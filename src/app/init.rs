@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{StartError, clients_for, consumers, prepare, start_profiles};
+use super::{StartError, clients_for, consumers, fleet_for, prepare, start_profiles};
 use crate::cache::store::FileState;
 use crate::config::{Config, ConfigError};
 use crate::ops::metrics::Metrics;
@@ -59,12 +59,22 @@ pub async fn init(config: Config, timeout: Duration) -> Result<Vec<String>, Init
     }
     let deadline = Instant::now() + timeout;
     let parts = prepare(&configs)?;
-    let metrics = Metrics::default();
+    let mut metrics = Metrics::default();
+    // In the fleet, an init container adopts the fleet's token.
+    let fleet = fleet_for(&config, &configs, &mut metrics)?;
     let profiles = Profiles::new(consumers(&parts, &metrics));
     let (clients, _) = clients_for(&parts).await?;
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    start_profiles(parts, &profiles, clients, OnStop::Keep, &stop, &mut tasks);
+    start_profiles(
+        parts,
+        &profiles,
+        clients,
+        fleet,
+        OnStop::Keep,
+        &stop,
+        &mut tasks,
+    );
 
     let written = |profile: &Arc<Profile>| profile.store().file_state() == Some(FileState::Written);
     // Bounded by the deadline.

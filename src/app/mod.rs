@@ -25,6 +25,7 @@ use crate::cache::store::TokenStore;
 use crate::clock::SystemClock;
 use crate::config::ranges::KeyNames;
 use crate::config::{Config, ConfigError, ProfileConfig, TokenMode};
+use crate::fleet::{Fleet, FleetError};
 use crate::ops::metrics::Metrics;
 use crate::profile::{Profile, Profiles};
 use crate::proxy::client::UpstreamClient;
@@ -77,6 +78,27 @@ pub enum StartError {
     /// The HTTP client could not be built (TLS roots, say).
     #[error("cannot build the HTTP client for Klavi: {0}")]
     Client(String),
+    /// The fleet's Redis client could not be built.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+}
+
+/// The fleet of `config`, when `[fleet]` is on and a profile is in it
+/// (its metrics then exported).
+fn fleet_for(
+    config: &Config,
+    profiles: &[ProfileConfig],
+    metrics: &mut Metrics,
+) -> Result<Option<Fleet>, StartError> {
+    let Some(fleet) = &config.fleet else {
+        return Ok(None);
+    };
+    if !profiles.iter().any(|p| p.fleet) {
+        tracing::warn!("fleet.redis_url is set but no profile is in the fleet (fleet = false)");
+        return Ok(None);
+    }
+    let up = metrics.enable_fleet();
+    Ok(Some(Fleet::new(fleet, up)?))
 }
 
 /// One profile, built and ready to start.
@@ -161,11 +183,13 @@ fn consumers(parts: &[Parts], metrics: &Metrics) -> Vec<Arc<Profile>> {
 
 /// Starts, into `tasks`, each profile's refresh task, key-file watcher and
 /// token-file writer (which does `on_stop` with its file), all stopping
-/// with `stop`.
+/// with `stop`; profiles in the fleet get their tokens through it, and its
+/// listener starts too.
 fn start_profiles(
     parts: Vec<Parts>,
     profiles: &Profiles,
     clients: Vec<reqwest::Client>,
+    mut fleet: Option<Fleet>,
     on_stop: OnStop,
     stop: &CancellationToken,
     tasks: &mut JoinSet<()>,
@@ -179,9 +203,8 @@ fn start_profiles(
             Arc::new(SystemClock),
         );
         let key_changes = Arc::new(Notify::new());
-        if let Some(watcher) = parts
-            .credentials
-            .watch(Arc::clone(&key_changes), stop.clone())
+        if let Some(watcher) =
+            Arc::clone(&parts.credentials).watch(Arc::clone(&key_changes), stop.clone())
         {
             tasks.spawn(async move {
                 let _ = watcher.await;
@@ -197,18 +220,38 @@ fn start_profiles(
             tasks.spawn(writer.run(stop.clone()));
         }
         let observer: Arc<dyn RefreshObserver> = Arc::new(profile.metrics().clone());
-        let refresher = Refresher::new(
-            client,
+        let (store, policy) = (
             Arc::clone(&parts.store),
             parts.config.refresh.policy.clone(),
-        )
-        .key_changes(key_changes)
-        .observer(observer)
-        .name(&parts.config.name)
-        .spawn(stop.clone());
+        );
+        let name = &parts.config.name;
+        let refresher = match fleet.as_mut().filter(|_| parts.config.fleet) {
+            Some(fleet) => {
+                let member = fleet.join(
+                    &parts.config,
+                    Arc::clone(&parts.credentials),
+                    Arc::clone(&parts.store),
+                    profile.metrics().fleet_adopted(),
+                );
+                let source = fleet.source(client, member, &parts.config);
+                Refresher::new(source, store, policy)
+                    .key_changes(key_changes)
+                    .observer(observer)
+                    .name(name)
+                    .spawn(stop.clone())
+            }
+            None => Refresher::new(client, store, policy)
+                .key_changes(key_changes)
+                .observer(observer)
+                .name(name)
+                .spawn(stop.clone()),
+        };
         tasks.spawn(async move {
             let _ = refresher.await;
         });
+    }
+    if let Some(fleet) = fleet {
+        fleet.start(stop, tasks);
     }
 }
 
@@ -324,7 +367,9 @@ impl Application {
             ops_addr,
             profiles: mut parts,
         } = self;
-        let metrics = Arc::new(Metrics::new(Arc::new(SystemClock)));
+        let mut metrics = Metrics::new(Arc::new(SystemClock));
+        let fleet = fleet_for(&config, &config.profiles, &mut metrics)?;
+        let metrics = Arc::new(metrics);
         let served = consumers(&parts, &metrics);
         let names: Vec<String> = served.iter().map(|p| p.name().to_string()).collect();
         let profiles = Profiles::new(served);
@@ -412,6 +457,7 @@ impl Application {
             parts,
             &profiles,
             clients,
+            fleet,
             OnStop::Remove,
             &stop_refresh,
             &mut tasks,
@@ -435,6 +481,7 @@ impl Application {
                 required = profile.required,
                 mode,
                 pool_size,
+                fleet = profile.fleet && config.fleet.is_some(),
                 "profile serving"
             );
         }

@@ -55,6 +55,14 @@ impl Category {
         Self::InvalidResponse,
     ];
 
+    /// The category named `name` (as [`Self::as_str`] writes it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::UPSTREAM
+            .into_iter()
+            .chain([Self::LocalRateLimit])
+            .find(|c| c.as_str() == name)
+    }
+
     /// The snake_case name used in JSON bodies, logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -106,6 +114,19 @@ pub enum FetchError {
     /// A 2xx answer that is not a usable token (the source's explanation).
     #[error("invalid response from Klavi: {0}")]
     Invalid(String),
+    /// Fleet mode: another sidecar held the fetch lock, and its fetch
+    /// failed with this category (this sidecar backs off as it does).
+    #[error("the fleet's fetch failed: {category}")]
+    Fleet {
+        /// The lock holder's category.
+        category: Category,
+        /// The `Retry-After` Klavi sent the lock holder, if any.
+        retry_after: Option<Duration>,
+    },
+    /// Fleet mode: another sidecar held the fetch lock, and no token came
+    /// from it within `refresh.wait_ms`.
+    #[error("another sidecar's fetch did not bring a token within refresh.wait_ms")]
+    FleetWait,
 }
 
 impl FetchError {
@@ -118,6 +139,8 @@ impl FetchError {
                 Category::UpstreamUnavailable
             }
             Self::Invalid(_) => Category::InvalidResponse,
+            Self::Fleet { category, .. } => *category,
+            Self::FleetWait => Category::UpstreamUnavailable,
         }
     }
 
@@ -129,6 +152,7 @@ impl FetchError {
                 status: 503,
                 retry_after,
             } => *retry_after,
+            Self::Fleet { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -184,6 +208,15 @@ mod tests {
                 Category::InvalidResponse,
                 None,
             ),
+            (
+                FetchError::Fleet {
+                    category: Category::RateLimited,
+                    retry_after: d,
+                },
+                Category::RateLimited,
+                d,
+            ),
+            (FetchError::FleetWait, Category::UpstreamUnavailable, None),
         ];
         for (error, category, retry_after) in cases {
             assert_eq!(error.category(), category, "{error}");

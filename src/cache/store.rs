@@ -284,6 +284,9 @@ pub struct TokenStore {
     token_changes: watch::Sender<u64>,
     /// The token file's state ([`FileState`]), when the profile has one.
     file: Option<AtomicU8>,
+    /// The last current token reported rejected here (not through the
+    /// fleet), for the fleet to tell the other sidecars.
+    rejections: watch::Sender<Option<TokenDigest>>,
     demand: Mutex<Demand>,
     demand_signal: Notify,
     serve_margin: Duration,
@@ -302,6 +305,7 @@ impl TokenStore {
             state: watch::Sender::new(RefreshState::default()),
             token_changes: watch::Sender::new(0),
             file: None,
+            rejections: watch::Sender::new(None),
             demand: Mutex::new(Demand::default()),
             demand_signal: Notify::new(),
             serve_margin,
@@ -437,6 +441,25 @@ impl TokenStore {
     /// rejected too, with no fetch. Compared in constant time; only the
     /// digest is kept.
     pub fn reject(&self, rejected: &TokenDigest) -> Rejection {
+        let rejection = self.reject_here(rejected);
+        if rejection == Rejection::Marked {
+            self.rejections.send_replace(Some(*rejected));
+        }
+        rejection
+    }
+
+    /// Another sidecar of the fleet reports this token rejected: as
+    /// [`Self::reject`], but not announced back to the fleet.
+    pub fn reject_reported(&self, rejected: &TokenDigest) -> Rejection {
+        self.reject_here(rejected)
+    }
+
+    /// Watches the current tokens reported rejected in this process.
+    pub fn watch_rejections(&self) -> watch::Receiver<Option<TokenDigest>> {
+        self.rejections.subscribe()
+    }
+
+    fn reject_here(&self, rejected: &TokenDigest) -> Rejection {
         let (rejection, dropped) = {
             let now = Instant::now();
             let mut ledger = self.ledger.lock();

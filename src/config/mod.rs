@@ -40,7 +40,8 @@ pub use error::ConfigError;
 pub use layers::{CONFIG_ENV, ENV_PREFIX, Overrides, Sources, load_raw, raw_from};
 pub use ranges::{RANGES, Range};
 pub use raw::{
-    RawConfig, RawKlavi, RawLog, RawProfile, RawProxy, RawRefresh, RawRuntime, RawServer,
+    RawConfig, RawFleet, RawKlavi, RawLog, RawProfile, RawProxy, RawRefresh, RawRuntime, RawServer,
+    RedisUrl,
 };
 pub use validate::read_key_file;
 
@@ -94,6 +95,17 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// One info line per proxied request.
     pub access_log: bool,
+}
+
+/// `[fleet]`, validated: present when `fleet.redis_url` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// The Redis URL (its password is a secret).
+    pub redis_url: RedisUrl,
+    /// Namespace of the keys and the channel.
+    pub key_prefix: String,
+    /// Slower than this counts as Redis being down.
+    pub command_timeout: Duration,
 }
 
 /// A profile's `[klavi]` keys, validated.
@@ -200,6 +212,8 @@ pub struct Config {
     pub profiles: Vec<ProfileConfig>,
     /// `[proxy]`
     pub proxy: ProxyConfig,
+    /// `[fleet]`, when `fleet.redis_url` is set.
+    pub fleet: Option<FleetConfig>,
     /// `[log]`
     pub log: LogFormat,
     /// Worker threads of the runtime (0: one per CPU).

@@ -9,7 +9,7 @@
 //! `[klavi]` and `[refresh]` keys they stand for.
 
 use super::ConfigError;
-use super::raw::{RawKlavi, RawProxy, RawRefresh, RawServer};
+use super::raw::{RawFleet, RawKlavi, RawProxy, RawRefresh, RawServer};
 
 /// The allowed values of one numeric key, inclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,7 @@ const DAY: u64 = 24 * HOUR;
 /// are where zero would spin a loop (`backoff_initial_ms`,
 /// `min_interval_secs`, `max_auth_per_minute`) or make a wait impossible
 /// (`wait_ms`, timeouts).
-pub const RANGES: [Range; 20] = [
+pub const RANGES: [Range; 21] = [
     range("server.shutdown_grace_secs", 1, HOUR),
     range("server.header_read_timeout_ms", 100, 10 * MINUTE_MS),
     range("server.max_header_bytes", 1024, 1 << 20),
@@ -56,6 +56,7 @@ pub const RANGES: [Range; 20] = [
     range("refresh.fallback_ttl_secs", 1, DAY),
     range("proxy.max_body_bytes", 0, 16 << 20),
     range("proxy.request_timeout_ms", 1000, 10 * MINUTE_MS),
+    range("fleet.command_timeout_ms", 10, 10_000),
     range("runtime.worker_threads", 0, 64),
 ];
 
@@ -137,6 +138,11 @@ pub fn proxy_values(p: &RawProxy) -> [(&'static str, u64); 2] {
     ]
 }
 
+/// `[fleet]`'s integer keys and their values.
+pub fn fleet_values(f: &RawFleet) -> [(&'static str, u64); 1] {
+    [("command_timeout_ms", f.command_timeout_ms)]
+}
+
 /// A profile's `[klavi]` integer keys and their values.
 pub fn klavi_values(k: &RawKlavi) -> [(&'static str, u64); 3] {
     [
@@ -164,6 +170,15 @@ pub fn refresh_values(r: &RawRefresh) -> [(&'static str, u64); 8] {
 pub fn check_server(s: &RawServer) -> Result<(), ConfigError> {
     for (key, value) in server_values(s) {
         let full = format!("server.{key}");
+        check(full.clone(), &full, value)?;
+    }
+    Ok(())
+}
+
+/// Every `[fleet]` key within its range.
+pub fn check_fleet(f: &RawFleet) -> Result<(), ConfigError> {
+    for (key, value) in fleet_values(f) {
+        let full = format!("fleet.{key}");
         check(full.clone(), &full, value)?;
     }
     Ok(())
@@ -288,6 +303,11 @@ mod tests {
             proxy_values(&raw.proxy)
                 .iter()
                 .map(|(k, v)| (format!("proxy.{k}"), *v)),
+        );
+        values.extend(
+            fleet_values(&raw.fleet)
+                .iter()
+                .map(|(k, v)| (format!("fleet.{k}"), *v)),
         );
         values.push(("runtime.worker_threads".into(), raw.runtime.worker_threads));
         values
@@ -481,6 +501,14 @@ mod tests {
                             other => panic!("no setter for {other}"),
                         }
                         check_proxy(&p)
+                    }
+                    "fleet" => {
+                        let mut f = RawFleet::default();
+                        match key {
+                            "command_timeout_ms" => f.command_timeout_ms = value,
+                            other => panic!("no setter for {other}"),
+                        }
+                        check_fleet(&f)
                     }
                     _ => super::super::worker_threads(&super::super::raw::RawRuntime {
                         worker_threads: value,

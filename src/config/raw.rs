@@ -23,6 +23,8 @@ pub struct RawConfig {
     pub refresh: RawRefresh,
     /// `[proxy]`: how every profile's proxy listener forwards.
     pub proxy: RawProxy,
+    /// `[fleet]`: the Redis a fleet of sidecars shares tokens through.
+    pub fleet: RawFleet,
     /// `[profiles.NAME]`: more key pairs.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub profiles: BTreeMap<String, RawProfile>,
@@ -430,6 +432,87 @@ impl Default for RawProxy {
             request_timeout_ms: 30_000,
             access_log: true,
         }
+    }
+}
+
+/// `[fleet]`: sidecars of one account share one token through Redis
+/// (SPEC §8). Off while `redis_url` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFleet {
+    /// `redis://` or `rediss://` (TLS) URL of the fleet's Redis, with any
+    /// user, password and database number. Its password is a secret: it is
+    /// shown redacted. Default `""` (off).
+    pub redis_url: RedisUrl,
+    /// Namespace of the sidecar's keys and channel in Redis: 1–64 of
+    /// `[A-Za-z0-9_.:-]`. Default `"klavi-sidecar"`.
+    pub key_prefix: String,
+    /// Any Redis command slower than this counts as Redis being down (the
+    /// profile then fetches on its own), ms. Default `500`, range 10–10000.
+    #[serde(deserialize_with = "super::lenient::u64")]
+    pub command_timeout_ms: u64,
+}
+
+impl Default for RawFleet {
+    fn default() -> Self {
+        Self {
+            redis_url: RedisUrl::default(),
+            key_prefix: "klavi-sidecar".into(),
+            command_timeout_ms: 500,
+        }
+    }
+}
+
+/// A Redis URL, whose password never prints: `Debug` and serialisation
+/// (what `check-config` shows) replace it with `REDACTED`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RedisUrl(Secret);
+
+impl RedisUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(Secret::new(url))
+    }
+
+    /// The URL itself, password included, for the Redis client.
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+
+    /// The URL with its password replaced (all of it replaced when it
+    /// does not parse, since then no one knows where the password is).
+    pub fn redacted(&self) -> String {
+        let text = self.0.expose().trim();
+        if text.is_empty() {
+            return String::new();
+        }
+        match url::Url::parse(text) {
+            Ok(mut url) => {
+                if url.password().is_some() && url.set_password(Some("REDACTED")).is_err() {
+                    return crate::secret::REDACTED.to_string();
+                }
+                url.to_string()
+            }
+            Err(_) => crate::secret::REDACTED.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({:?})", self.redacted())
+    }
+}
+
+impl<'de> Deserialize<'de> for RedisUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Self::new)
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
     }
 }
 

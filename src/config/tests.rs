@@ -68,6 +68,95 @@ fn defaults_match_the_spec() {
     );
     assert_eq!(config.log, LogFormat::Text);
     assert_eq!(config.worker_threads, 1);
+    assert_eq!(config.fleet, None, "fleet mode is off by default");
+    assert!(config.profiles[0].fleet);
+}
+
+#[test]
+fn fleet_section_is_checked_and_its_password_never_shows() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = |body: &str| {
+        let path = dir.path().join("fleet.toml");
+        std::fs::write(
+            &path,
+            format!("[klavi]\naccess_key = \"ak\"\nsecret_key = \"sk\"\n{body}"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+    };
+    let config = file(
+        "[fleet]\nredis_url = \"rediss://app:hunter22@redis.infra:6380/2\"\nkey_prefix = \"pay:eu\"\ncommand_timeout_ms = 250\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let fleet = config.fleet.clone().unwrap_or_else(|| panic!("fleet on"));
+    assert_eq!(
+        fleet.redis_url.expose(),
+        "rediss://app:hunter22@redis.infra:6380/2"
+    );
+    assert_eq!(fleet.key_prefix, "pay:eu");
+    assert_eq!(fleet.command_timeout, Duration::from_millis(250));
+    let shown = config.to_redacted_toml();
+    assert!(!shown.contains("hunter22"), "{shown}");
+    assert!(
+        shown.contains("rediss://app:REDACTED@redis.infra:6380/2"),
+        "{shown}"
+    );
+    assert!(!format!("{config:?}").contains("hunter22"));
+
+    let cases = [
+        (
+            "[fleet]\nredis_url = \"http://:hunter22@redis:6379\"\n",
+            "fleet.redis_url",
+            "scheme",
+        ),
+        (
+            "[fleet]\nredis_url = \"redis://:hunter22@\"\n",
+            "fleet.redis_url",
+            "",
+        ),
+        (
+            "[fleet]\nredis_url = \"not a url hunter22\"\n",
+            "fleet.redis_url",
+            "not a URL",
+        ),
+        (
+            "[fleet]\nredis_url = \"redis://:hunter22@redis:6379/db\"\n",
+            "fleet.redis_url",
+            "database",
+        ),
+        ("[fleet]\nkey_prefix = \"\"\n", "fleet.key_prefix", "1–64"),
+        (
+            "[fleet]\nkey_prefix = \"a b\"\n",
+            "fleet.key_prefix",
+            "1–64",
+        ),
+        (
+            "[fleet]\ncommand_timeout_ms = 0\n",
+            "fleet.command_timeout_ms",
+            "",
+        ),
+        (
+            "[fleet]\ncommand_timeout_ms = 10001\n",
+            "fleet.command_timeout_ms",
+            "",
+        ),
+        ("[fleet]\nhost = \"x\"\n", "fleet", "unknown"),
+    ];
+    for (body, key, needle) in cases {
+        let error = file(body)
+            .err()
+            .unwrap_or_else(|| panic!("{body} accepted"));
+        let line = error.to_string();
+        assert!(line.starts_with(key), "{body}: {line}");
+        assert!(line.contains(needle), "{body}: {line}");
+        assert!(
+            !line.contains("hunter22"),
+            "{body}: the password shows in {line}"
+        );
+    }
 }
 
 #[test]
@@ -115,6 +204,7 @@ fn default_toml_documents_exactly_the_defaults() {
     assert_eq!(parsed.log, expected.log);
     assert_eq!(parsed.runtime, expected.runtime);
     assert_eq!(parsed.proxy, expected.proxy);
+    assert_eq!(parsed.fleet, expected.fleet);
     // And the file as shipped (all commented) is valid and yields defaults.
     let shipped: RawConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(shipped, RawConfig::default());

@@ -9,11 +9,11 @@ use std::time::Duration;
 use url::{Host, Url};
 
 use super::ranges::{self, KeyNames};
-use super::raw::{RawConfig, RawKlavi, RawRefresh};
+use super::raw::{RawConfig, RawFleet, RawKlavi, RawRefresh, RedisUrl};
 use super::{
-    Config, ConfigError, DEFAULT_PROFILE, KeySource, KlaviConfig, LogFormat, ProfileConfig,
-    ProxyConfig, RefreshConfig, ServerConfig, TokenFileConfig, TokenFileFormat, TokenMode,
-    worker_threads,
+    Config, ConfigError, DEFAULT_PROFILE, FleetConfig, KeySource, KlaviConfig, LogFormat,
+    ProfileConfig, ProxyConfig, RefreshConfig, ServerConfig, TokenFileConfig, TokenFileFormat,
+    TokenMode, worker_threads,
 };
 use crate::cache::policy::RefreshPolicy;
 use crate::secret::{REDACTED, Secret};
@@ -48,6 +48,7 @@ impl Config {
 
         Ok(Self {
             proxy: proxy(&raw, &profiles)?,
+            fleet: fleet(&raw.fleet)?,
             server,
             profiles,
             log,
@@ -641,4 +642,75 @@ pub(crate) fn normalised_host(host: &str) -> Option<String> {
     };
     let is_name = (1..=253).contains(&host.len()) && host.split('.').all(label_ok);
     is_name.then(|| host.to_ascii_lowercase())
+}
+
+/// `[fleet]`: off while `redis_url` is empty; else a `redis://` or
+/// `rediss://` URL with a host, a key prefix safe in key names, and the
+/// command timeout within its range.
+fn fleet(f: &RawFleet) -> Result<Option<FleetConfig>, ConfigError> {
+    ranges::check_fleet(f)?;
+    let prefix = f.key_prefix.as_str();
+    let prefix_ok = (1..=64).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b));
+    if !prefix_ok {
+        return Err(ConfigError::new(
+            "fleet.key_prefix",
+            format!("{prefix:?} must be 1–64 characters of A–Z, a–z, 0–9, _ . : -"),
+        ));
+    }
+    let text = f.redis_url.expose().trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    // Errors show the URL redacted: its password is a secret.
+    let shown = f.redis_url.redacted();
+    let url = Url::parse(text).map_err(|e| {
+        ConfigError::new(
+            "fleet.redis_url",
+            format!(
+                "{shown:?} is not a URL ({e}); expected redis://HOST:PORT or rediss://HOST:PORT"
+            ),
+        )
+    })?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(ConfigError::new(
+            "fleet.redis_url",
+            format!(
+                "{shown:?} has scheme {:?}; expected redis:// or rediss:// (TLS)",
+                url.scheme()
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(
+            "fleet.redis_url",
+            format!("{shown:?} names no host"),
+        ));
+    }
+    // The redis crate reads the database from the path.
+    let path = url.path().trim_start_matches('/');
+    if !path.is_empty() && path.parse::<u16>().is_err() {
+        return Err(ConfigError::new(
+            "fleet.redis_url",
+            format!("{shown:?}: the path must be a database number, like /0"),
+        ));
+    }
+    // What the client will make of it, checked now (a start error later
+    // would be exit 1, and the crate's message may quote the URL).
+    if let Err(error) = redis::Client::open(text) {
+        return Err(ConfigError::new(
+            "fleet.redis_url",
+            format!(
+                "{shown:?} is not a Redis URL the client accepts ({:?})",
+                error.kind()
+            ),
+        ));
+    }
+    Ok(Some(FleetConfig {
+        redis_url: RedisUrl::new(text),
+        key_prefix: prefix.to_string(),
+        command_timeout: Duration::from_millis(f.command_timeout_ms),
+    }))
 }

@@ -12,6 +12,7 @@
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -60,9 +61,52 @@ pub struct Record {
     /// Its expiry, unix seconds (each sidecar applies its own margin).
     #[serde(rename = "expireAt")]
     pub expire_at: i64,
+    /// When the request that fetched it was sent, unix milliseconds: with
+    /// the expiry, its lifetime, so an adopter keeps the fetcher's
+    /// schedule.
+    #[serde(rename = "issuedAtMs")]
+    pub issued_at_ms: i64,
     /// The fleet's count of tokens stored for this profile: a sidecar
     /// never replaces a newer one with an older one.
     pub generation: u64,
+}
+
+/// What one sidecar tells the others on the profile's channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A token of this generation was stored: waiters read and adopt it.
+    Stored {
+        /// Its generation.
+        generation: u64,
+    },
+    /// Klavi refused the token with this SHA-256: no one serves it again.
+    Rejected {
+        /// The token's SHA-256, hex.
+        digest: String,
+    },
+    /// The lock holder's fetch failed with this category: waiters back off
+    /// too instead of waiting out their wait.
+    Failed {
+        /// The category's name.
+        category: String,
+        /// Klavi's `Retry-After`, ms, if it sent one.
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// What a sealed value is, bound into its associated data: a record
+/// cannot be replayed as an event nor the other way round.
+trait Kind {
+    const KIND: &'static [u8];
+}
+
+impl Kind for Record {
+    const KIND: &'static [u8] = b"record";
+}
+
+impl Kind for Event {
+    const KIND: &'static [u8] = b"event";
 }
 
 /// Why a record could not be sealed.
@@ -107,15 +151,44 @@ impl SealingKey {
 
     /// `nonce ‖ ciphertext ‖ tag` of `record`, with a fresh random nonce.
     pub fn seal(&self, record: &Record) -> Result<Vec<u8>, SealError> {
+        self.seal_value(record)
+    }
+
+    /// The record in `sealed`, or `None` if it does not open (another
+    /// profile's, another secret key's, tampered with, truncated).
+    pub fn open(&self, sealed: &[u8]) -> Option<Record> {
+        self.open_value(sealed)
+    }
+
+    /// `event`, sealed like a record.
+    pub fn seal_event(&self, event: &Event) -> Result<Vec<u8>, SealError> {
+        self.seal_value(event)
+    }
+
+    /// The event in `sealed`, or `None` if it does not open.
+    pub fn open_event(&self, sealed: &[u8]) -> Option<Event> {
+        self.open_value(sealed)
+    }
+
+    /// The associated data: the identity and what the value is.
+    fn aad<T: Kind>(&self) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(self.identity.as_str().len() + 1 + T::KIND.len());
+        aad.extend_from_slice(self.identity.as_str().as_bytes());
+        aad.push(b'/');
+        aad.extend_from_slice(T::KIND);
+        aad
+    }
+
+    fn seal_value<T: Serialize + Kind>(&self, value: &T) -> Result<Vec<u8>, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| SealError)?;
-        let mut body = serde_json::to_vec(record).map_err(|_| SealError)?;
+        let mut body = serde_json::to_vec(value).map_err(|_| SealError)?;
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(self.identity.as_str().as_bytes()),
+                Aad::from(self.aad::<T>()),
                 &mut body,
             )
             .map_err(|_| SealError)?;
@@ -125,19 +198,13 @@ impl SealingKey {
         Ok(sealed)
     }
 
-    /// The record in `sealed`, or `None` if it does not open (another
-    /// profile's, another secret key's, tampered with, truncated).
-    pub fn open(&self, sealed: &[u8]) -> Option<Record> {
+    fn open_value<T: DeserializeOwned + Kind>(&self, sealed: &[u8]) -> Option<T> {
         let (nonce, body) = sealed.split_at_checked(NONCE_LEN)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut body = body.to_vec();
         let plain = self
             .key
-            .open_in_place(
-                nonce,
-                Aad::from(self.identity.as_str().as_bytes()),
-                &mut body,
-            )
+            .open_in_place(nonce, Aad::from(self.aad::<T>()), &mut body)
             .ok()?;
         serde_json::from_slice(plain).ok()
     }
@@ -155,6 +222,7 @@ mod tests {
         Record {
             token: "eyJhbGciOiJFUzI1NiJ9.payload.signature".into(),
             expire_at: 1_900_000_000,
+            issued_at_ms: 1_899_999_000_250,
             generation: 7,
         }
     }
@@ -233,5 +301,12 @@ mod tests {
         assert_eq!(key.open(&sealed[..sealed.len() - 1]), None);
         assert_eq!(key.open(&sealed[..NONCE_LEN]), None);
         assert_eq!(key.open(b""), None);
+        // A record is not an event, nor an event a record.
+        assert_eq!(key.open_event(&sealed), None);
+        let event = Event::Stored { generation: 7 };
+        let sealed_event = key.seal_event(&event).unwrap();
+        assert_eq!(key.open_event(&sealed_event), Some(event));
+        assert_eq!(key.open(&sealed_event), None);
+        assert_eq!(rotated.open_event(&sealed_event), None);
     }
 }

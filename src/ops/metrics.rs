@@ -225,6 +225,8 @@ struct Families {
     ready: Family<ProfileLabel, Gauge>,
     last_success: Family<ProfileLabel, FloatGauge>,
     next_refresh: Family<ProfileLabel, FloatGauge>,
+    fleet_redis_up: Gauge,
+    fleet_adopted: Family<ProfileLabel, Counter>,
 }
 
 /// Every metric the sidecar exports.
@@ -272,6 +274,8 @@ impl Metrics {
             ready: Family::default(),
             last_success: Family::default(),
             next_refresh: Family::default(),
+            fleet_redis_up: Gauge::default(),
+            fleet_adopted: Family::default(),
         };
         let f = &families;
         registry.register(
@@ -390,6 +394,24 @@ impl Metrics {
             families: Arc::new(families),
             clock,
         }
+    }
+
+    /// Fleet mode is on: its series are exported (only then, so a sidecar
+    /// without a Redis shows no Redis "down"); returns the
+    /// `fleet_redis_up` gauge to drive.
+    pub fn enable_fleet(&mut self) -> Gauge {
+        let f = &self.families;
+        self.registry.register(
+            "fleet_redis_up",
+            "1 while the fleet's Redis answers within fleet.command_timeout_ms, else 0 (the fleet's profiles then fetch standalone)",
+            f.fleet_redis_up.clone(),
+        );
+        self.registry.register(
+            "fleet_tokens_adopted",
+            "Tokens taken from the fleet's Redis instead of fetched from Klavi",
+            f.fleet_adopted.clone(),
+        );
+        f.fleet_redis_up.clone()
     }
 
     /// The handle of profile `name`, with every series that alerts and
@@ -653,6 +675,14 @@ impl ProfileMetrics {
                 result: if ok { "success" } else { "failure" },
             })
             .inc();
+    }
+
+    /// The profile is in the fleet: its adoption counter, created at zero.
+    pub fn fleet_adopted(&self) -> Counter {
+        self.families
+            .fleet_adopted
+            .get_or_create(&self.label())
+            .clone()
     }
 
     /// Counts a current token reported rejected.

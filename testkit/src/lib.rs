@@ -8,4 +8,5 @@
 
 pub mod bench;
 pub mod fuzz;
+pub mod redis;
 pub mod soak;

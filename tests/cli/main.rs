@@ -463,6 +463,15 @@ impl Captured {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Everything it printed so far.
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     fn wait_for_line(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !self.stderr.lock().unwrap().contains(needle) {
@@ -511,6 +520,7 @@ fn get(addr: &str, path: &str) -> String {
     )
 }
 
+mod fleet;
 mod leases;
 mod profiles;
 mod proxy;

@@ -57,6 +57,13 @@ impl Sidecar {
     }
 
     pub async fn start(fake: &FakeKlavi, env: &[(&str, &str)]) -> Self {
+        let sidecar = Self::spawn(fake, env);
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    /// As [`Sidecar::start`], without waiting for it to be ready.
+    pub fn spawn(fake: &FakeKlavi, env: &[(&str, &str)]) -> Self {
         let (token, ops) = (
             format!("127.0.0.1:{}", free_port()),
             format!("127.0.0.1:{}", free_port()),
@@ -82,18 +89,26 @@ impl Sidecar {
             .iter()
             .find(|(k, _)| *k == PROXY_LISTEN)
             .map(|(_, v)| v.to_string());
-        let sidecar = Self {
+        Self {
             process: Some(process),
             token,
             ops,
             proxy,
             http,
-        };
-        sidecar.wait_ready().await;
-        sidecar
+        }
     }
 
-    async fn wait_ready(&self) {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, Captured::pid)
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.process.as_ref().map(Captured::log).unwrap_or_default()
+    }
+
+    pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let ready = self

@@ -1,0 +1,179 @@
+//! One profile as a member of the fleet: what it holds (the generation of
+//! its token), its current key names and sealing key, the events other
+//! sidecars publish for it, and the rejections it tells them of.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwapOption;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::keys::Keys;
+use super::redis::Redis;
+use super::sealed::{Event, Identity, SealingKey};
+use crate::cache::store::{Rejection, TokenStore};
+use crate::secret::TokenDigest;
+use crate::upstream::credentials::Credentials;
+
+/// The key names and the sealing key of the profile's current keys.
+#[derive(Debug)]
+pub struct Sealing {
+    /// Its Redis names.
+    pub keys: Keys,
+    /// Its AES-256-GCM key.
+    pub key: SealingKey,
+}
+
+/// The token this sidecar holds, as the fleet knows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Held {
+    /// Its generation (0: none, or one fetched standalone).
+    pub generation: u64,
+    /// Its digest, when it came through the fleet.
+    pub digest: Option<TokenDigest>,
+}
+
+/// One fleet profile's shared state (the source, the subscriber and the
+/// rejection task each hold it).
+#[derive(Debug)]
+pub struct Member {
+    /// The profile's name, for the logs.
+    pub name: String,
+    prefix: String,
+    base_url: String,
+    auth_path: String,
+    credentials: Arc<Credentials>,
+    /// The profile's store.
+    pub store: Arc<TokenStore>,
+    sealing: ArcSwapOption<Sealing>,
+    held: Mutex<Held>,
+    /// Events heard for this profile, numbered.
+    events: watch::Sender<(u64, Option<Event>)>,
+    /// `klavi_sidecar_fleet_tokens_adopted_total{profile}`.
+    pub adopted: Counter,
+}
+
+impl Member {
+    /// The member for a profile with these settings.
+    pub fn new(
+        name: &str,
+        prefix: &str,
+        (base_url, auth_path): (&str, &str),
+        credentials: Arc<Credentials>,
+        store: Arc<TokenStore>,
+        adopted: Counter,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            prefix: prefix.to_string(),
+            base_url: base_url.to_string(),
+            auth_path: auth_path.to_string(),
+            credentials,
+            store,
+            sealing: ArcSwapOption::empty(),
+            held: Mutex::new(Held::default()),
+            events: watch::Sender::new((0, None)),
+            adopted,
+        }
+    }
+
+    /// The names and key of the keys in use now (re-derived each time:
+    /// key files rotate; HKDF costs microseconds), kept for the
+    /// subscriber.
+    pub async fn sealing(&self) -> Arc<Sealing> {
+        let (access, secret) = self.credentials.current().await;
+        let identity = Identity::of(&self.base_url, &self.auth_path, &access);
+        let sealing = Arc::new(Sealing {
+            keys: Keys::new(&self.prefix, &identity),
+            key: SealingKey::derive(&secret, &identity),
+        });
+        self.sealing.store(Some(Arc::clone(&sealing)));
+        sealing
+    }
+
+    /// What it holds.
+    pub fn held(&self) -> Held {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// It now holds this.
+    pub fn hold(&self, held: Held) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = held;
+    }
+
+    /// Follows the events heard for this profile.
+    pub fn events(&self) -> watch::Receiver<(u64, Option<Event>)> {
+        self.events.subscribe()
+    }
+
+    /// A message on `channel`: if it is this profile's and opens under its
+    /// key, a rejection is applied to the store at once and any other
+    /// event goes to the waiting fetch.
+    pub fn hear(&self, channel: &str, payload: &[u8]) {
+        let Some(sealing) = self.sealing.load_full() else {
+            return;
+        };
+        if sealing.keys.events != channel {
+            return;
+        }
+        let Some(event) = sealing.key.open_event(payload) else {
+            tracing::debug!(profile = %self.name, "a fleet message that does not open; ignored");
+            return;
+        };
+        if let Event::Rejected { digest } = &event {
+            let Some(digest) = TokenDigest::from_hex(digest) else {
+                return;
+            };
+            if self.store.reject_reported(&digest) == Rejection::Marked {
+                tracing::info!(
+                    profile = %self.name,
+                    fingerprint = digest.fingerprint(),
+                    "another sidecar of the fleet reports the token rejected; no longer served"
+                );
+            }
+        }
+        self.events.send_modify(|(seq, last)| {
+            *seq += 1;
+            *last = Some(event);
+        });
+    }
+
+    /// Until `stop`: each token reported rejected here is marked rejected
+    /// in Redis (if it is the fleet's record) and published, so every
+    /// sidecar stops serving it.
+    pub async fn announce_rejections(self: Arc<Self>, redis: Redis, stop: CancellationToken) {
+        let mut rejections = self.store.watch_rejections();
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                changed = rejections.changed() => if changed.is_err() { return },
+            }
+            let Some(digest) = *rejections.borrow_and_update() else {
+                continue;
+            };
+            if redis.link().is_down() {
+                tracing::debug!(profile = %self.name, "Redis is down; a rejection stays local");
+                continue;
+            }
+            let sealing = self.sealing().await;
+            let held = self.held();
+            if held.digest == Some(digest) {
+                let _ = redis.mark_rejected(&sealing.keys, held.generation).await;
+            }
+            let event = Event::Rejected {
+                digest: digest.to_hex(),
+            };
+            if let Ok(sealed) = sealing.key.seal_event(&event)
+                && redis.publish(&sealing.keys, sealed).await.is_ok()
+            {
+                tracing::info!(
+                    profile = %self.name,
+                    fingerprint = digest.fingerprint(),
+                    "told the fleet the token was rejected"
+                );
+            }
+        }
+    }
+}

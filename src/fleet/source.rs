@@ -1,0 +1,310 @@
+//! The fleet's [`TokenSource`]: wraps the Klavi client, so the refresh task
+//! keeps its schedule, backoff, budget and single flight, and only where
+//! the token comes from changes (SPEC §8).
+//!
+//! When the task asks for a token:
+//! 1. a newer servable token in Redis, not yet due, is adopted (no request
+//!    to Klavi);
+//! 2. else the sidecar takes the lock (`SET NX PX`, a random owner, PX above
+//!    Klavi's request timeout, renewed while the fetch runs), fetches from
+//!    Klavi, stores the token sealed with the next generation, publishes,
+//!    and releases the lock (compare-and-delete);
+//! 3. else another sidecar holds the lock: this one waits, up to
+//!    `refresh.wait_ms`, for its publication (re-reading the record and
+//!    retrying the lock every [`POLL`], so a holder that died is replaced
+//!    once its lock expires), and adopts what it stored. A failure
+//!    published by the holder ends the wait with that failure.
+//!
+//! Redis unreachable or slow at any step: the Klavi client is asked
+//! directly, as without fleet mode. A failed fetch keeps the lock for
+//! `backoff_initial_ms`, so the fleet too waits that floor before the next
+//! attempt (§5.9).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore as _;
+use tokio::time::Instant;
+
+use super::adopt::{self, Verdict};
+use super::member::{Held, Member, Sealing};
+use super::redis::{Redis, RedisDown};
+use super::sealed::{Event, Record};
+use crate::cache::policy::RefreshPolicy;
+use crate::cache::source::{Category, FetchError, TokenSource};
+use crate::cache::token::Token;
+use crate::clock::{WallClock, unix_secs};
+use crate::secret::Secret;
+
+/// How often a waiting sidecar re-reads the record and retries the lock
+/// when no publication comes.
+pub const POLL: Duration = Duration::from_millis(250);
+
+/// How much the lock's PX exceeds Klavi's request timeout.
+pub const LOCK_MARGIN: Duration = Duration::from_secs(2);
+
+/// The fleet's knobs for one profile.
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// The profile's refresh policy (the adoption rule and the backoff
+    /// floor).
+    pub policy: RefreshPolicy,
+    /// How long to wait for another sidecar's fetch.
+    pub wait: Duration,
+    /// The lock's PX: Klavi's request timeout plus [`LOCK_MARGIN`].
+    pub lock_px: Duration,
+}
+
+/// Why coordinating failed.
+enum Failed {
+    /// Redis (the link logged it): fetch standalone.
+    Redis,
+    /// The fetch (ours, or the lock holder's).
+    Fetch(FetchError),
+}
+
+impl From<RedisDown> for Failed {
+    fn from(_: RedisDown) -> Self {
+        Self::Redis
+    }
+}
+
+/// The fleet source over `S` (the Klavi client).
+pub struct FleetSource<S> {
+    inner: S,
+    member: Arc<Member>,
+    redis: Redis,
+    settings: FleetSettings,
+    clock: Arc<dyn WallClock>,
+}
+
+impl<S> std::fmt::Debug for FleetSource<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetSource")
+            .field("profile", &self.member.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms(time: SystemTime) -> i64 {
+    (unix_secs(time) * 1000.0) as i64
+}
+
+impl<S: TokenSource> FleetSource<S> {
+    /// `inner` shared through `redis` as `member`.
+    pub fn new(
+        inner: S,
+        member: Arc<Member>,
+        redis: Redis,
+        settings: FleetSettings,
+        clock: Arc<dyn WallClock>,
+    ) -> Self {
+        Self {
+            inner,
+            member,
+            redis,
+            settings,
+            clock,
+        }
+    }
+
+    async fn coordinate(&self, sealing: &Sealing) -> Result<Token, Failed> {
+        let deadline = Instant::now() + self.settings.wait;
+        let mut events = self.member.events();
+        // Bounded: each round waits at least until the deadline or POLL.
+        let rounds = self.settings.wait.as_millis() / POLL.as_millis() + 2;
+        for _ in 0..rounds {
+            events.borrow_and_update();
+            if let Some(token) = self.adopt(sealing).await? {
+                return Ok(token);
+            }
+            let owner = owner();
+            if self
+                .redis
+                .try_lock(&sealing.keys, &owner, self.settings.lock_px)
+                .await?
+            {
+                return self.fetch_holding(sealing, &owner).await;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::select! {
+                changed = events.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let event = events.borrow_and_update().1.clone();
+                    if let Some(Event::Failed { category, retry_after_ms }) = event {
+                        let category = Category::from_name(&category)
+                            .unwrap_or(Category::UpstreamUnavailable);
+                        return Err(Failed::Fetch(FetchError::Fleet {
+                            category,
+                            retry_after: retry_after_ms.map(Duration::from_millis),
+                        }));
+                    }
+                }
+                () = tokio::time::sleep(POLL.min(left)) => {}
+            }
+        }
+        Err(Failed::Fetch(FetchError::FleetWait))
+    }
+
+    /// The record, if it may be adopted now.
+    async fn adopt(&self, sealing: &Sealing) -> Result<Option<Token>, RedisDown> {
+        let Some((mut stored, sealed)) = self.redis.read(&sealing.keys).await? else {
+            return Ok(None);
+        };
+        let Some(record) = sealing.key.open(&sealed) else {
+            // Another key pair's (rotated keys) or tampered with: absent.
+            return Ok(None);
+        };
+        if record.generation != stored.generation {
+            return Ok(None);
+        }
+        stored.expire_at = record.expire_at;
+        stored.issued_at_ms = record.issued_at_ms;
+        let now_ms = unix_ms(self.clock.now());
+        let held = self.member.held();
+        let Verdict::Adopt { lifetime, age } =
+            adopt::assess(&stored, held.generation, now_ms, &self.settings.policy)
+        else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let expire_at =
+            UNIX_EPOCH + Duration::from_secs(u64::try_from(record.expire_at).unwrap_or(0));
+        let token = Token::new(
+            Secret::new(record.token),
+            now.checked_sub(age).unwrap_or(now),
+            lifetime,
+            expire_at,
+        );
+        if self.member.store.refusal(&token).is_some() {
+            return Ok(None);
+        }
+        self.member.hold(Held {
+            generation: record.generation,
+            digest: Some(*token.digest()),
+        });
+        self.member.adopted.inc();
+        tracing::info!(
+            profile = %self.member.name,
+            fingerprint = token.fingerprint(),
+            generation = record.generation,
+            expires_in_secs = token.remaining(now).as_secs(),
+            "token adopted from the fleet"
+        );
+        Ok(Some(token))
+    }
+
+    /// Holding the lock: fetch (renewing it meanwhile), store, publish,
+    /// release.
+    async fn fetch_holding(&self, sealing: &Sealing, owner: &str) -> Result<Token, Failed> {
+        let px = self.settings.lock_px;
+        let renew = async {
+            // Until the fetch ends (it is bounded by Klavi's timeouts).
+            loop {
+                tokio::time::sleep(px / 3).await;
+                if !matches!(self.redis.renew(&sealing.keys, owner, px).await, Ok(true)) {
+                    tracing::debug!(profile = %self.member.name, "the fleet lock could not be renewed");
+                }
+            }
+        };
+        let fetched = tokio::select! {
+            fetched = self.inner.fetch() => fetched,
+            // Never taken: the renewal loop does not end.
+            () = renew => Err(FetchError::Timeout),
+        };
+        match fetched {
+            Ok(token) => {
+                if let Err(error) = self.share(sealing, owner, &token).await {
+                    tracing::debug!(profile = %self.member.name, %error, "token not shared");
+                }
+                Ok(token)
+            }
+            Err(error) => {
+                let event = Event::Failed {
+                    category: error.category().as_str().to_string(),
+                    retry_after_ms: error.retry_after().map(|d| d.as_millis() as u64),
+                };
+                if let Ok(sealed) = sealing.key.seal_event(&event) {
+                    let _ = self.redis.publish(&sealing.keys, sealed).await;
+                }
+                // The lock stays for the backoff floor: no other sidecar
+                // tries sooner than this one may.
+                let floor = self.settings.policy.backoff_initial;
+                let _ = self.redis.renew(&sealing.keys, owner, floor).await;
+                Err(Failed::Fetch(error))
+            }
+        }
+    }
+
+    /// Stores `token` with the next generation, publishes, releases the
+    /// lock. A token reported rejected meanwhile is not shared.
+    async fn share(&self, sealing: &Sealing, owner: &str, token: &Token) -> Result<(), RedisDown> {
+        if self.member.store.refusal(token).is_some() {
+            return self.redis.release(&sealing.keys, owner).await;
+        }
+        let held = self.member.held();
+        let generation = self
+            .redis
+            .next_generation(&sealing.keys, held.generation)
+            .await?;
+        let now = Instant::now();
+        let now_ms = unix_ms(self.clock.now());
+        let age_ms = now.saturating_duration_since(token.sent_at()).as_millis() as i64;
+        let record = Record {
+            token: token.value().expose().to_string(),
+            expire_at: token.expire_at_unix(),
+            issued_at_ms: now_ms - age_ms,
+            generation,
+        };
+        let Ok(sealed) = sealing.key.seal(&record) else {
+            return self.redis.release(&sealing.keys, owner).await;
+        };
+        let ttl = token.remaining(now).max(Duration::from_millis(1));
+        let stored = self
+            .redis
+            .store(&sealing.keys, generation, sealed, ttl)
+            .await?;
+        self.member.hold(Held {
+            generation,
+            digest: Some(*token.digest()),
+        });
+        if stored {
+            if let Ok(event) = sealing.key.seal_event(&Event::Stored { generation }) {
+                self.redis.publish(&sealing.keys, event).await?;
+            }
+            tracing::debug!(profile = %self.member.name, generation, "token shared with the fleet");
+        }
+        self.redis.release(&sealing.keys, owner).await
+    }
+}
+
+/// A random lock owner: whoever holds the lock is the one that set it.
+fn owner() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+impl<S: TokenSource> TokenSource for FleetSource<S> {
+    async fn fetch(&self) -> Result<Token, FetchError> {
+        if self.redis.link().usable() {
+            let sealing = self.member.sealing().await;
+            match self.coordinate(&sealing).await {
+                Ok(token) => return Ok(token),
+                Err(Failed::Fetch(error)) => return Err(error),
+                // Logged by the link, once per outage.
+                Err(Failed::Redis) => {}
+            }
+        }
+        // Standalone: the token is this sidecar's alone (generation 0), so
+        // any the fleet stores later counts as newer.
+        let token = self.inner.fetch().await?;
+        self.member.hold(Held::default());
+        Ok(token)
+    }
+}
