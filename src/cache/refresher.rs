@@ -341,7 +341,7 @@ impl<S: TokenSource> Refresher<S> {
             same_token,
             progress.degenerate + 1,
             &self.policy,
-            (self.jitter)(),
+            self.source.schedule_jitter(&token, (self.jitter)()),
         );
         let next = now + plan.delay;
 

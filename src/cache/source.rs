@@ -19,11 +19,23 @@ use super::token::Token;
 pub trait TokenSource: Send + Sync + 'static {
     /// Asks for a new token. Must apply its own timeouts.
     fn fetch(&self) -> impl Future<Output = Result<Token, FetchError>> + Send;
+
+    /// The jitter (in `[0, 1)`) of the refresh schedule of `token`, which
+    /// this source just returned, given a `drawn` uniform one. Most
+    /// sources keep it; the fleet's moves who refreshes first.
+    fn schedule_jitter(&self, token: &Token, drawn: f64) -> f64 {
+        let _ = token;
+        drawn
+    }
 }
 
 impl<T: TokenSource> TokenSource for Arc<T> {
     fn fetch(&self) -> impl Future<Output = Result<Token, FetchError>> + Send {
         (**self).fetch()
+    }
+
+    fn schedule_jitter(&self, token: &Token, drawn: f64) -> f64 {
+        (**self).schedule_jitter(token, drawn)
     }
 }
 

@@ -19,7 +19,7 @@ use super::redis::{Redis, RedisDown};
 pub const PROBE: Duration = Duration::from_secs(1);
 
 /// The longest pause between two attempts to subscribe.
-const MAX_RETRY: Duration = Duration::from_secs(2);
+const MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// The pause after `failures` failed attempts to subscribe in a row.
 fn retry_delay(failures: u32) -> Duration {
@@ -111,9 +111,9 @@ mod tests {
             (0, ms(250)),
             (1, ms(500)),
             (2, ms(1000)),
-            (3, ms(2000)),
-            (9, ms(2000)),
-            (u32::MAX, ms(2000)),
+            (3, ms(1000)),
+            (9, ms(1000)),
+            (u32::MAX, ms(1000)),
         ];
         for (failures, delay) in cases {
             assert_eq!(retry_delay(failures), delay, "{failures}");

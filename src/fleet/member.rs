@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::keys::Keys;
 use super::redis::Redis;
 use super::sealed::{Event, Identity, SealingKey};
+use super::source::Role;
 use crate::cache::store::{Rejection, TokenStore};
 use crate::secret::TokenDigest;
 use crate::upstream::credentials::Credentials;
@@ -26,12 +27,24 @@ pub struct Sealing {
 }
 
 /// The token this sidecar holds, as the fleet knows it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Held {
     /// Its generation (0: none, or one fetched standalone).
     pub generation: u64,
     /// Its digest, when it came through the fleet.
     pub digest: Option<TokenDigest>,
+    /// How it came.
+    pub role: Role,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            digest: None,
+            role: Role::Standalone,
+        }
+    }
 }
 
 /// One fleet profile's shared state (the source, the subscriber and the

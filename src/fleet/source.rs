@@ -187,6 +187,7 @@ impl<S: TokenSource> FleetSource<S> {
         self.member.hold(Held {
             generation: record.generation,
             digest: Some(*token.digest()),
+            role: Role::Adopted,
         });
         self.member.adopted.inc();
         tracing::info!(
@@ -272,6 +273,7 @@ impl<S: TokenSource> FleetSource<S> {
         self.member.hold(Held {
             generation,
             digest: Some(*token.digest()),
+            role: Role::Fetched,
         });
         if stored {
             if let Ok(event) = sealing.key.seal_event(&Event::Stored { generation }) {
@@ -290,9 +292,59 @@ fn owner() -> String {
     hex::encode(bytes)
 }
 
+/// The schedule's jitter for a token the fleet shares, from a `drawn`
+/// uniform one: the sidecar that fetched it refreshes in the earlier half
+/// of the jitter window (jitter in `[0.5, 1)` moves the refresh earlier),
+/// those that adopted it in the later half. So the fetcher fetches again
+/// and the others adopt, and the fleet's token is refreshed about when a
+/// standalone sidecar's would be, not at the earliest of N random times;
+/// the adopters stay spread over half the window, so they do not all
+/// fetch at one instant if Redis is down then. A standalone token keeps
+/// its draw.
+pub fn shared_jitter(role: Role, drawn: f64) -> f64 {
+    let drawn = if drawn.is_finite() {
+        drawn.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    match role {
+        Role::Fetched => 0.5 + drawn / 2.0,
+        Role::Adopted => drawn / 2.0,
+        Role::Standalone => drawn,
+    }
+}
+
+/// How this sidecar came by the token it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// It fetched it and shared it.
+    Fetched,
+    /// It adopted it from Redis.
+    Adopted,
+    /// It fetched it on its own (Redis down).
+    Standalone,
+}
+
 impl<S: TokenSource> TokenSource for FleetSource<S> {
+    fn schedule_jitter(&self, token: &Token, drawn: f64) -> f64 {
+        let held = self.member.held();
+        let role = match held.digest {
+            Some(digest) if digest == *token.digest() => held.role,
+            _ => Role::Standalone,
+        };
+        shared_jitter(role, drawn)
+    }
+
     async fn fetch(&self) -> Result<Token, FetchError> {
-        if self.redis.link().usable() {
+        // Down: probe first (twice: the first command after Redis came
+        // back fails on the old connection and makes the manager
+        // reconnect), each bounded by the command timeout, so a refresh
+        // due just after Redis is back rejoins at once instead of fetching
+        // on its own.
+        if self.redis.link().usable()
+            || self.redis.ping().await.is_ok()
+            || self.redis.ping().await.is_ok()
+        {
             let sealing = self.member.sealing().await;
             match self.coordinate(&sealing).await {
                 Ok(token) => return Ok(token),
@@ -306,5 +358,43 @@ impl<S: TokenSource> TokenSource for FleetSource<S> {
         let token = self.inner.fetch().await?;
         self.member.hold(Held::default());
         Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fetcher_refreshes_in_the_earlier_half_and_adopters_in_the_later() {
+        let cases = [
+            (Role::Fetched, 0.0, 0.5),
+            (Role::Fetched, 0.5, 0.75),
+            (Role::Fetched, 1.0, 1.0),
+            (Role::Adopted, 0.0, 0.0),
+            (Role::Adopted, 0.5, 0.25),
+            (Role::Adopted, 1.0, 0.5),
+            (Role::Standalone, 0.3, 0.3),
+            (Role::Fetched, f64::NAN, 0.5),
+            (Role::Adopted, 7.0, 0.5),
+            (Role::Standalone, -1.0, 0.0),
+        ];
+        for (role, drawn, jitter) in cases {
+            assert_eq!(shared_jitter(role, drawn), jitter, "{role:?} {drawn}");
+        }
+        // Jitter moves the refresh earlier: whatever the draws, the
+        // fetcher's schedule is no later than any adopter's.
+        let policy = RefreshPolicy::default();
+        let lifetime = Duration::from_secs(3600);
+        for i in 0..=10 {
+            for k in 0..=10 {
+                let fetcher = shared_jitter(Role::Fetched, f64::from(i) / 10.0);
+                let adopter = shared_jitter(Role::Adopted, f64::from(k) / 10.0);
+                assert!(
+                    crate::cache::policy::refresh_offset(lifetime, &policy, fetcher)
+                        <= crate::cache::policy::refresh_offset(lifetime, &policy, adopter)
+                );
+            }
+        }
     }
 }
