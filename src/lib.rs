@@ -28,8 +28,9 @@
 //!   Klavi with the token added, replayed once after a 401.
 //! - [`sink`]: where tokens go besides HTTP: the token file, replaced
 //!   atomically and kept equal to the servable token.
-//! - [`fleet`]: fleet mode (being built, issue 14): so far the sealed
-//!   record sidecars would share through Redis.
+//! - [`fleet`]: fleet mode: a `TokenSource` wrapping the Klavi client that
+//!   shares one token among the sidecars of one account through Redis,
+//!   sealed, with a lock, generations and pub/sub.
 //! - [`ops`]: what operators see. Prometheus [`ops::metrics`] with a
 //!   `profile` label, the log subscriber, the `healthcheck` command, memory
 //!   release.
