@@ -57,6 +57,25 @@ impl RedisServer {
         Self::start_with(who, &[])
     }
 
+    /// As [`Self::start`], also serving TLS on a second free port with
+    /// this certificate and key (clients are not asked for one); the plain
+    /// port stays for the harness's own checks.
+    pub fn start_tls(who: &str, cert: &str, key: &str) -> Option<(Self, u16)> {
+        let port = free_port().unwrap_or_else(|e| panic!("{who}: {e}"));
+        let port_text = port.to_string();
+        let args = [
+            "--tls-port",
+            port_text.as_str(),
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::start_with(who, &args).map(|server| (server, port))
+    }
+
     /// As [`Self::start`], with more `redis-server` arguments.
     pub fn start_with(who: &str, extra: &[&str]) -> Option<Self> {
         if binary().is_none() {

@@ -451,3 +451,46 @@ async fn a_failing_klavi_is_asked_by_one_sidecar_at_a_time_no_more_than_alone() 
         sidecar.stop();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_works_over_rustls_and_an_unknown_certificate_is_redis_down() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+    let (cert, key, ca) = (
+        format!("{fixtures}/server.pem"),
+        format!("{fixtures}/server.key"),
+        format!("{fixtures}/ca.pem"),
+    );
+    let Some((redis, tls_port)) = RedisServer::start_tls("fleet: rediss://", &cert, &key) else {
+        return;
+    };
+    let url = format!("rediss://localhost:{tls_port}");
+    let fake = fake(300).await;
+    // The test CA trusted (rustls-native-certs reads SSL_CERT_FILE).
+    let env = fleet_env(&url, &[("SSL_CERT_FILE", ca.as_str())]);
+    let trusted = Sidecar::start(&fake, &env).await;
+    let token = trusted.token().await;
+    eventually(
+        "the token stored over TLS",
+        Duration::from_secs(5),
+        || async { everything_in(&redis).len() == 2 },
+    )
+    .await;
+    assert_eq!(trusted.metric("klavi_sidecar_fleet_redis_up").await, 1.0);
+    // A second sidecar adopts it over TLS.
+    let second = Sidecar::start(&fake, &env).await;
+    assert_eq!(second.token().await, token);
+    assert_eq!(fake.calls(), 1);
+
+    // Without the CA, the certificate is refused: Redis counts as down,
+    // the sidecar fetches on its own and is ready.
+    let untrusting = Sidecar::start(&fake, &fleet_env(&url, &[])).await;
+    assert_eq!(untrusting.metric("klavi_sidecar_fleet_redis_up").await, 0.0);
+    assert_eq!(fake.calls(), 2);
+    let log = untrusting.stop();
+    assert!(
+        log.contains("UnknownIssuer") || log.contains("certificate"),
+        "{log}"
+    );
+    trusted.stop();
+    second.stop();
+}
