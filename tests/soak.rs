@@ -75,10 +75,13 @@ async fn chaos_soak_keeps_every_guarantee() {
     // Proxied traffic ran throughout, revocations were replayed through.
     assert!(report.proxied > 500, "{}", report.summary());
     assert!(report.revocations >= 10, "{}", report.summary());
-    assert_eq!(
-        report.max_sends,
-        2,
-        "some replays, never a third send: {}",
+    // Never a third send (guarantee 13). Whether a revocation met a
+    // proxied request in flight depends on the machine's load (a CI run
+    // beside other builds saw none): that a 401 is replayed once is
+    // proved deterministically by tests/cli/proxy.rs.
+    assert!(
+        (1..=2).contains(&report.max_sends),
+        "never a third send: {}",
         report.summary()
     );
 }

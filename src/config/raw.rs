@@ -479,22 +479,33 @@ impl RedisUrl {
         self.0.expose()
     }
 
-    /// The URL with its password replaced (all of it replaced when it
-    /// does not parse, since then no one knows where the password is).
+    /// The URL as it may be shown: scheme, host, port and path; any user
+    /// information and any query (the crate also reads `?password=` and
+    /// `?pass=`) replaced by `REDACTED`; all of it replaced when it does
+    /// not parse, since then no one knows where the password is.
     pub fn redacted(&self) -> String {
         let text = self.0.expose().trim();
         if text.is_empty() {
             return String::new();
         }
-        match url::Url::parse(text) {
-            Ok(mut url) => {
-                if url.password().is_some() && url.set_password(Some("REDACTED")).is_err() {
-                    return crate::secret::REDACTED.to_string();
-                }
-                url.to_string()
-            }
-            Err(_) => crate::secret::REDACTED.to_string(),
+        let Ok(url) = url::Url::parse(text) else {
+            return crate::secret::REDACTED.to_string();
+        };
+        let mut shown = format!("{}://", url.scheme());
+        if !url.username().is_empty() || url.password().is_some() {
+            shown.push_str("REDACTED@");
         }
+        if let Some(host) = url.host_str() {
+            shown.push_str(host);
+        }
+        if let Some(port) = url.port() {
+            shown.push_str(&format!(":{port}"));
+        }
+        shown.push_str(url.path());
+        if url.query().is_some() || url.fragment().is_some() {
+            shown.push_str("?REDACTED");
+        }
+        shown
     }
 }
 

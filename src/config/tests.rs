@@ -101,10 +101,22 @@ fn fleet_section_is_checked_and_its_password_never_shows() {
     let shown = config.to_redacted_toml();
     assert!(!shown.contains("hunter22"), "{shown}");
     assert!(
-        shown.contains("rediss://app:REDACTED@redis.infra:6380/2"),
+        shown.contains("rediss://REDACTED@redis.infra:6380/2"),
         "{shown}"
     );
     assert!(!format!("{config:?}").contains("hunter22"));
+    // Every other place the crate reads a password from is redacted too.
+    for url in [
+        "redis://host/0?password=hunter22",
+        "redis://hunter22@host",
+        "redis://:hunter22@host:6379/0#frag",
+    ] {
+        let shown = crate::config::RedisUrl::new(url).redacted();
+        assert!(
+            !shown.contains("hunter22") && shown.contains("REDACTED"),
+            "{url} shows as {shown}"
+        );
+    }
 
     let cases = [
         (
@@ -144,6 +156,16 @@ fn fleet_section_is_checked_and_its_password_never_shows() {
             "",
         ),
         ("[fleet]\nhost = \"x\"\n", "fleet", "unknown"),
+        (
+            "[fleet]\nredis_url = \"unix:///tmp/r.sock?pass=hunter22\"\n",
+            "fleet.redis_url",
+            "scheme",
+        ),
+        (
+            "[fleet]\nredis_url = \"redis+unix:///r.sock?password=hunter22\"\n",
+            "fleet.redis_url",
+            "scheme",
+        ),
     ];
     for (body, key, needle) in cases {
         let error = file(body)

@@ -46,9 +46,13 @@ impl Config {
         distinct_listeners(&server, &profiles)?;
         distinct_token_files(&server, &profiles)?;
 
+        let fleet = fleet(&raw.fleet)?;
+        if let Some(fleet) = &fleet {
+            fleet_waits(fleet, &profiles)?;
+        }
         Ok(Self {
             proxy: proxy(&raw, &profiles)?,
-            fleet: fleet(&raw.fleet)?,
+            fleet,
             server,
             profiles,
             log,
@@ -713,4 +717,28 @@ fn fleet(f: &RawFleet) -> Result<Option<FleetConfig>, ConfigError> {
         key_prefix: prefix.to_string(),
         command_timeout: Duration::from_millis(f.command_timeout_ms),
     }))
+}
+
+/// A fleet profile's waiting request must have time for the Redis
+/// commands before the fetch (reading the record, taking the lock), each
+/// up to `fleet.command_timeout_ms`: twice it must stay below the
+/// profile's `refresh.wait_ms`.
+fn fleet_waits(fleet: &FleetConfig, profiles: &[ProfileConfig]) -> Result<(), ConfigError> {
+    let needed = fleet.command_timeout.saturating_mul(2);
+    match profiles
+        .iter()
+        .find(|p| p.fleet && p.refresh.wait <= needed)
+    {
+        Some(profile) => Err(ConfigError::new(
+            "fleet.command_timeout_ms",
+            format!(
+                "{} ms is too long for {} ({} ms): twice the command timeout must stay below it, \
+                 or a request waiting for a token would time out in Redis commands",
+                fleet.command_timeout.as_millis(),
+                KeyNames::of(&profile.name).refresh("wait_ms"),
+                profile.refresh.wait.as_millis()
+            ),
+        )),
+        None => Ok(()),
+    }
 }

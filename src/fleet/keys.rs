@@ -1,6 +1,7 @@
 //! The names a profile uses in Redis: `PREFIX:{IDENTITY}:token` (a hash:
 //! generation, sealed record, rejected mark), `…:generation` (the
-//! counter), `…:lock`, and the channel `…:events`. The identity is a hash
+//! counter), `…:lock`, `…:failures` (the fleet's shared backoff),
+//! `…:rejected` (digests of rejected tokens), and the channel `…:events`. The identity is a hash
 //! (see [`super::sealed::Identity`]), so no name reveals a key; the braces
 //! are a Redis Cluster hash tag, keeping one profile's keys in one slot so
 //! its scripts may touch several.
@@ -16,6 +17,10 @@ pub struct Keys {
     pub generation: String,
     /// The fetch lock.
     pub lock: String,
+    /// The fleet's consecutive failed fetches (its shared backoff).
+    pub failures: String,
+    /// The SHA-256 digests of tokens reported rejected (a hash).
+    pub rejected: String,
     /// The channel of its events.
     pub events: String,
 }
@@ -28,6 +33,8 @@ impl Keys {
             token: format!("{base}:token"),
             generation: format!("{base}:generation"),
             lock: format!("{base}:lock"),
+            failures: format!("{base}:failures"),
+            rejected: format!("{base}:rejected"),
             events: format!("{base}:events"),
         }
     }
@@ -48,7 +55,14 @@ mod tests {
         let identity = Identity::of("https://api.klavi.ai", "/auth", &Secret::new("ak-secret"));
         let keys = Keys::new("klavi-sidecar", &identity);
         let tag = format!("{{{}}}", identity.as_str());
-        for name in [&keys.token, &keys.generation, &keys.lock, &keys.events] {
+        for name in [
+            &keys.token,
+            &keys.generation,
+            &keys.lock,
+            &keys.failures,
+            &keys.rejected,
+            &keys.events,
+        ] {
             assert!(name.starts_with("klavi-sidecar:{"), "{name}");
             assert!(name.contains(&tag), "{name}");
             assert!(!name.contains("ak-secret"), "{name}");

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::keys::Keys;
 use super::member::Member;
-use super::redis::{Redis, RedisDown};
+use super::redis::Redis;
 
 /// How often Redis is probed while the link is down.
 pub const PROBE: Duration = Duration::from_secs(1);
@@ -27,7 +27,18 @@ fn retry_delay(failures: u32) -> Duration {
     base.saturating_mul(1 << failures.min(4)).min(MAX_RETRY)
 }
 
-/// Listens until `stop`.
+/// How long the subscription's handshake (connect, TLS, `PSUBSCRIBE`:
+/// several round trips) may take: a few command timeouts, at least 2 s.
+fn handshake_timeout(command_timeout: Duration) -> Duration {
+    command_timeout
+        .saturating_mul(4)
+        .max(Duration::from_secs(2))
+}
+
+/// Listens until `stop`. The subscription's trouble is logged once per
+/// change and never marks Redis down (commands decide that: a user may
+/// run commands without the right to subscribe); while the link is down,
+/// Redis is probed every [`PROBE`], subscribed or not.
 pub async fn listen(
     client: redis::Client,
     redis: Redis,
@@ -38,6 +49,7 @@ pub async fn listen(
 ) {
     let pattern = Keys::events_pattern(&prefix);
     let mut failures = 0u32;
+    let mut complained = false;
     // Each round ends with a pause or with `stop`.
     while !stop.is_cancelled() {
         let connect = async {
@@ -47,16 +59,20 @@ pub async fn listen(
         };
         let connected = tokio::select! {
             () = stop.cancelled() => return,
-            connected = tokio::time::timeout(timeout, connect) => connected,
+            connected = tokio::time::timeout(handshake_timeout(timeout), connect) => connected,
         };
-        match connected {
+        let error = match connected {
             Ok(Ok(pubsub)) => {
                 failures = 0;
-                // Members hear only under keys they know: learn them now.
+                if std::mem::take(&mut complained) {
+                    tracing::info!("subscribed to the fleet's events again");
+                }
+                // Members hear only under keys they know: learn them now,
+                // and what was rejected while they could not hear.
                 for member in &members {
                     member.sealing().await;
+                    member.catch_up(&redis).await;
                 }
-                let _ = redis.ping().await;
                 let mut messages = pubsub.into_on_message();
                 let mut probe = tokio::time::interval(PROBE);
                 loop {
@@ -65,7 +81,6 @@ pub async fn listen(
                         () = stop.cancelled() => return,
                         message = messages.next() => {
                             let Some(message) = message else {
-                                redis.link().down(&RedisDown("the subscription was cut".into()));
                                 break;
                             };
                             let channel = message.get_channel_name();
@@ -80,22 +95,36 @@ pub async fn listen(
                         }
                     }
                 }
+                "the subscription was cut".to_string()
             }
-            Ok(Err(error)) => {
-                redis.link().down(&RedisDown(format!("subscribe: {error}")));
-                failures = failures.saturating_add(1);
-            }
-            Err(_) => {
-                redis.link().down(&RedisDown(format!(
-                    "subscribe: no answer within {} ms",
-                    timeout.as_millis()
-                )));
-                failures = failures.saturating_add(1);
-            }
+            Ok(Err(error)) => format!("{error}"),
+            Err(_) => format!(
+                "no subscription within {} ms",
+                handshake_timeout(timeout).as_millis()
+            ),
+        };
+        failures = failures.saturating_add(1);
+        // Is it Redis, or only the subscription? A command says (and sets
+        // the link's state).
+        let _ = redis.ping().await;
+        if !complained {
+            complained = true;
+            tracing::warn!(
+                error = %error,
+                "not subscribed to the fleet's events (retrying): rejections and new tokens from \
+                 other sidecars are learnt by polling Redis until it works"
+            );
         }
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(retry_delay(failures)) => {}
+        // The pause, probing a down link meanwhile.
+        let resume = tokio::time::Instant::now() + retry_delay(failures);
+        while tokio::time::Instant::now() < resume {
+            if redis.link().is_down() {
+                let _ = redis.ping().await;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep_until(resume.min(tokio::time::Instant::now() + PROBE)) => {}
+            }
         }
     }
 }

@@ -17,6 +17,12 @@ use crate::cache::store::{Rejection, TokenStore};
 use crate::secret::TokenDigest;
 use crate::upstream::credentials::Credentials;
 
+/// How often a rejection Redis did not take is tried again.
+const RETRY_REJECTION: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The largest event that is opened (real ones are under 200 bytes).
+const MAX_EVENT_BYTES: usize = 1024;
+
 /// The key names and the sealing key of the profile's current keys.
 #[derive(Debug)]
 pub struct Sealing {
@@ -115,6 +121,27 @@ impl Member {
         *self.held.lock().unwrap_or_else(PoisonError::into_inner) = held;
     }
 
+    /// After (re)subscribing: a token this sidecar holds that another
+    /// reported rejected while the publication could not reach it is
+    /// dropped now.
+    pub async fn catch_up(&self, redis: &Redis) {
+        let Some(token) = self.store.current() else {
+            return;
+        };
+        let sealing = self.sealing().await;
+        if let Ok(true) = redis
+            .is_rejected(&sealing.keys, &token.digest().to_hex())
+            .await
+            && self.store.reject_reported(token.digest()) == Rejection::Marked
+        {
+            tracing::info!(
+                profile = %self.name,
+                fingerprint = token.fingerprint(),
+                "another sidecar of the fleet reported the token rejected; no longer served"
+            );
+        }
+    }
+
     /// Follows the events heard for this profile.
     pub fn events(&self) -> watch::Receiver<(u64, Option<Event>)> {
         self.events.subscribe()
@@ -127,7 +154,7 @@ impl Member {
         let Some(sealing) = self.sealing.load_full() else {
             return;
         };
-        if sealing.keys.events != channel {
+        if sealing.keys.events != channel || payload.len() > MAX_EVENT_BYTES {
             return;
         }
         let Some(event) = sealing.key.open_event(payload) else {
@@ -154,39 +181,70 @@ impl Member {
 
     /// Until `stop`: each token reported rejected here is marked rejected
     /// in Redis (if it is the fleet's record) and published, so every
-    /// sidecar stops serving it.
+    /// sidecar stops serving it. One that cannot be told (Redis down) is
+    /// retried every second until it is, or until a newer rejection
+    /// replaces it.
     pub async fn announce_rejections(self: Arc<Self>, redis: Redis, stop: CancellationToken) {
         let mut rejections = self.store.watch_rejections();
+        let mut pending: Option<TokenDigest> = None;
         loop {
+            let retry = async {
+                if pending.is_some() {
+                    tokio::time::sleep(RETRY_REJECTION).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
-                changed = rejections.changed() => if changed.is_err() { return },
+                changed = rejections.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    pending = *rejections.borrow_and_update();
+                }
+                () = retry => {}
             }
-            let Some(digest) = *rejections.borrow_and_update() else {
+            let Some(digest) = pending else {
                 continue;
             };
-            if redis.link().is_down() {
-                tracing::debug!(profile = %self.name, "Redis is down; a rejection stays local");
-                continue;
-            }
-            let sealing = self.sealing().await;
-            let held = self.held();
-            if held.digest == Some(digest) {
-                let _ = redis.mark_rejected(&sealing.keys, held.generation).await;
-            }
-            let event = Event::Rejected {
-                digest: digest.to_hex(),
-            };
-            if let Ok(sealed) = sealing.key.seal_event(&event)
-                && redis.publish(&sealing.keys, sealed).await.is_ok()
-            {
-                tracing::info!(
-                    profile = %self.name,
-                    fingerprint = digest.fingerprint(),
-                    "told the fleet the token was rejected"
-                );
+            if self.announce(&redis, digest).await {
+                pending = None;
             }
         }
+    }
+
+    /// Marks and publishes one rejection; whether Redis took it.
+    async fn announce(&self, redis: &Redis, digest: TokenDigest) -> bool {
+        let sealing = self.sealing().await;
+        let held = self.held();
+        let generation = if held.digest == Some(digest) {
+            held.generation
+        } else {
+            0
+        };
+        if redis
+            .reject(&sealing.keys, &digest.to_hex(), generation)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let event = Event::Rejected {
+            digest: digest.to_hex(),
+        };
+        let Ok(sealed) = sealing.key.seal_event(&event) else {
+            return true;
+        };
+        if redis.publish(&sealing.keys, sealed).await.is_err() {
+            return false;
+        }
+        tracing::info!(
+            profile = %self.name,
+            fingerprint = digest.fingerprint(),
+            "told the fleet the token was rejected"
+        );
+        true
     }
 }

@@ -21,11 +21,36 @@ use redis::{AsyncCommands as _, Script};
 use super::adopt::Stored;
 use super::keys::Keys;
 
-/// Stores a record only over an older generation (or none); clears a
-/// rejected mark; expires the record with the token.
-/// KEYS: token. ARGV: generation, sealed record, ttl ms.
+/// The largest sealed record read: a real one is a few hundred bytes; a
+/// bigger value (a hostile or broken writer) counts as absent, and is
+/// never loaded into memory.
+pub const MAX_SEALED_BYTES: usize = 16 * 1024;
+
+/// Generations stay below 2^53: Lua numbers are doubles, and a bigger
+/// one (a hostile or broken writer) counts as none.
+pub const MAX_GENERATION: u64 = 1 << 53;
+
+/// The record, if it is a hash with a sane generation and a sealed value
+/// no bigger than the limit; anything else counts as absent (never as
+/// Redis being down, which would turn the fleet off for good).
+/// KEYS: token. ARGV: the size limit, the generation limit.
+const READ: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return false end
+if redis.call('HSTRLEN', KEYS[1], 'sealed') > tonumber(ARGV[1]) then return false end
+local g = tonumber(redis.call('HGET', KEYS[1], 'gen'))
+if not g or g < 1 or g >= tonumber(ARGV[2]) or g ~= math.floor(g) then return false end
+return {tostring(g), redis.call('HGET', KEYS[1], 'sealed'), redis.call('HEXISTS', KEYS[1], 'rejected')}
+";
+
+/// Stores a record only over an older generation (or over nothing, or
+/// over something that is not a sane record); expires it with the token.
+/// KEYS: token. ARGV: generation, sealed record, ttl ms, generation limit.
 const STORE: &str = r"
-local current = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local current = 0
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then
+  current = tonumber(redis.call('HGET', KEYS[1], 'gen')) or 0
+  if current >= tonumber(ARGV[4]) then current = 0 end
+end
 if tonumber(ARGV[1]) <= current then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'sealed', ARGV[2])
@@ -35,40 +60,107 @@ return 1
 
 /// The next generation: the counter's next value, but above both the
 /// stored record's and the caller's (a Redis restarted empty, or a counter
-/// evicted, must not hand out numbers the fleet has seen).
-/// KEYS: generation, token. ARGV: the caller's generation.
+/// evicted, must not hand out numbers the fleet has seen). A counter that
+/// is not a sane integer, or a record generation past the limit, is
+/// ignored and replaced.
+/// KEYS: generation, token. ARGV: the caller's generation, the limit.
 const NEXT_GENERATION: &str = r"
+local limit = tonumber(ARGV[2])
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' then
+  local v = kind == 'string' and redis.call('GET', KEYS[1])
+  if not v or not string.match(v, '^%d+$') or #v > 15 or tonumber(v) >= limit then
+    redis.call('DEL', KEYS[1])
+  end
+end
+local floor = tonumber(ARGV[1])
+if redis.call('TYPE', KEYS[2]).ok == 'hash' then
+  local stored = tonumber(redis.call('HGET', KEYS[2], 'gen'))
+  if stored and stored < limit and stored > floor then floor = stored end
+end
 local g = redis.call('INCR', KEYS[1])
-local floor = math.max(tonumber(ARGV[1]), tonumber(redis.call('HGET', KEYS[2], 'gen') or '0'))
 if g <= floor then
   g = floor + 1
-  redis.call('SET', KEYS[1], g)
+  redis.call('SET', KEYS[1], string.format('%d', g))
+end
+if g >= limit then
+  g = 1
+  redis.call('SET', KEYS[1], '1')
 end
 return g
 ";
 
-/// Marks the record of one generation rejected (not a newer one).
-/// KEYS: token. ARGV: generation.
-const MARK_REJECTED: &str = r"
-if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'rejected', '1')
-  return 1
+/// Records a rejected token: its digest into the set of rejected ones
+/// (kept a day, the longest a stored token may live), so a sidecar that
+/// missed the publication, or reads an old record put back, still knows;
+/// and the record of its generation (not a newer one) marked.
+/// KEYS: rejected, token. ARGV: digest, generation (0: none), ttl ms.
+const REJECT: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' and redis.call('TYPE', KEYS[1]).ok ~= 'none' then
+  redis.call('DEL', KEYS[1])
 end
+redis.call('HSET', KEYS[1], ARGV[1], '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[2] ~= '0' and redis.call('TYPE', KEYS[2]).ok == 'hash' and redis.call('HGET', KEYS[2], 'gen') == ARGV[2] then
+  redis.call('HSET', KEYS[2], 'rejected', '1')
+end
+return 1
+";
+
+/// Whether a digest is in the set of rejected tokens.
+/// KEYS: rejected. ARGV: digest.
+const IS_REJECTED: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
+return redis.call('HEXISTS', KEYS[1], ARGV[1])
+";
+
+/// Takes the lock if free; a lock someone set without an expiry, or
+/// with a longer one than any sidecar sets (a hostile or broken writer,
+/// or a key of another type), is bounded to `px`, so it cannot block the
+/// fleet for longer than a dead holder would.
+/// KEYS: lock. ARGV: owner, px.
+const LOCK: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 ";
 
 /// Deletes the lock if the caller still holds it.
 /// KEYS: lock. ARGV: owner.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 ";
 
 /// Sets the lock's expiry if the caller still holds it.
 /// KEYS: lock. ARGV: owner, px.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.call('TYPE', KEYS[1]).ok == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 0
+";
+
+/// Who holds the lock, if it is a lock.
+/// KEYS: lock.
+const OWNER: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return false end
+return redis.call('GET', KEYS[1])
+";
+
+/// Counts a failed fetch of the fleet's (the consecutive failures, for a
+/// backoff the whole fleet keeps), forgotten after `ttl` ms.
+/// KEYS: failures. ARGV: ttl.
+const FAILED: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v and (not string.match(v, '^%d+$') or #v > 6) then redis.call('DEL', KEYS[1]) end
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
 ";
 
 /// A Redis command failed or took longer than the command timeout.
@@ -211,22 +303,25 @@ impl Redis {
         .map(|_| ())
     }
 
-    /// The profile's record: its plain fields and the sealed token.
+    /// The profile's record: its plain fields and the sealed token
+    /// (anything but a sane record counts as none).
     pub async fn read(&self, keys: &Keys) -> Result<Option<(Stored, Vec<u8>)>, RedisDown> {
         let mut conn = self.manager.clone();
         let key = keys.token.clone();
-        let (generation, sealed, rejected): (Option<u64>, Option<Vec<u8>>, Option<String>) = self
-            .run("HMGET", async move {
-                redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg("gen")
-                    .arg("sealed")
-                    .arg("rejected")
-                    .query_async(&mut conn)
+        let found: Option<(String, Vec<u8>, i64)> = self
+            .run("read the token", async move {
+                Script::new(READ)
+                    .key(&key)
+                    .arg(MAX_SEALED_BYTES)
+                    .arg(MAX_GENERATION)
+                    .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        let (Some(generation), Some(sealed)) = (generation, sealed) else {
+        let Some((generation, sealed, rejected)) = found else {
+            return Ok(None);
+        };
+        let Ok(generation) = generation.parse::<u64>() else {
             return Ok(None);
         };
         Ok(Some((
@@ -235,13 +330,53 @@ impl Redis {
                 // Filled in from the sealed record by the caller.
                 expire_at: 0,
                 issued_at_ms: 0,
-                rejected: rejected.is_some(),
+                rejected: rejected == 1,
             },
             sealed,
         )))
     }
 
-    /// `SET lock owner NX PX px`: whether this sidecar now holds the lock.
+    /// Who holds the lock now.
+    pub async fn lock_owner(&self, keys: &Keys) -> Result<Option<String>, RedisDown> {
+        let mut conn = self.manager.clone();
+        let key = keys.lock.clone();
+        self.run("read the lock", async move {
+            Script::new(OWNER).key(&key).invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// Counts a failed fetch; returns the fleet's consecutive failures.
+    pub async fn count_failure(&self, keys: &Keys, ttl: Duration) -> Result<u32, RedisDown> {
+        let mut conn = self.manager.clone();
+        let key = keys.failures.clone();
+        let ttl = ttl.as_millis().max(1) as u64;
+        let n: i64 = self
+            .run("count a failure", async move {
+                Script::new(FAILED)
+                    .key(&key)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Forgets the fleet's failures (a fetch succeeded).
+    pub async fn clear_failures(&self, keys: &Keys) -> Result<(), RedisDown> {
+        let mut conn = self.manager.clone();
+        let key = keys.failures.clone();
+        let _: i64 = self
+            .run("clear the failures", async move {
+                redis::cmd("DEL").arg(&key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// `SET lock owner NX PX px`: whether this sidecar now holds the lock
+    /// (a lock without an expiry, or a longer one, is bounded to `px`).
     pub async fn try_lock(
         &self,
         keys: &Keys,
@@ -251,19 +386,17 @@ impl Redis {
         let mut conn = self.manager.clone();
         let (key, owner) = (keys.lock.clone(), owner.to_string());
         let px = px.as_millis().max(1) as u64;
-        let set: Option<String> = self
-            .run("SET NX PX", async move {
-                redis::cmd("SET")
-                    .arg(&key)
+        let taken: i64 = self
+            .run("take the lock", async move {
+                Script::new(LOCK)
+                    .key(&key)
                     .arg(&owner)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(px)
-                    .query_async(&mut conn)
+                    .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        Ok(set.is_some())
+        Ok(taken == 1)
     }
 
     /// Sets the lock's expiry to `px` from now, if `owner` still holds it.
@@ -308,7 +441,8 @@ impl Redis {
             Script::new(NEXT_GENERATION)
                 .key(&counter)
                 .key(&token)
-                .arg(held)
+                .arg(held.min(MAX_GENERATION - 1))
+                .arg(MAX_GENERATION)
                 .invoke_async(&mut conn)
                 .await
         })
@@ -334,6 +468,7 @@ impl Redis {
                     .arg(generation)
                     .arg(sealed)
                     .arg(ttl)
+                    .arg(MAX_GENERATION)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -341,20 +476,50 @@ impl Redis {
         Ok(stored == 1)
     }
 
-    /// Marks the record of `generation` rejected.
-    pub async fn mark_rejected(&self, keys: &Keys, generation: u64) -> Result<(), RedisDown> {
+    /// Records the token of `digest` (hex) rejected, and marks the record
+    /// of `generation` (0: none).
+    pub async fn reject(
+        &self,
+        keys: &Keys,
+        digest: &str,
+        generation: u64,
+    ) -> Result<(), RedisDown> {
         let mut conn = self.manager.clone();
-        let key = keys.token.clone();
+        let (rejected, token, digest) = (
+            keys.rejected.clone(),
+            keys.token.clone(),
+            digest.to_string(),
+        );
+        let ttl = super::adopt::MAX_AHEAD.as_millis() as u64;
         let _: i64 = self
-            .run("mark the token rejected", async move {
-                Script::new(MARK_REJECTED)
-                    .key(&key)
+            .run("record the rejection", async move {
+                Script::new(REJECT)
+                    .key(&rejected)
+                    .key(&token)
+                    .arg(&digest)
                     .arg(generation)
+                    .arg(ttl)
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
         Ok(())
+    }
+
+    /// Whether the token of `digest` (hex) was reported rejected.
+    pub async fn is_rejected(&self, keys: &Keys, digest: &str) -> Result<bool, RedisDown> {
+        let mut conn = self.manager.clone();
+        let (rejected, digest) = (keys.rejected.clone(), digest.to_string());
+        let found: i64 = self
+            .run("read the rejections", async move {
+                Script::new(IS_REJECTED)
+                    .key(&rejected)
+                    .arg(&digest)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(found == 1)
     }
 
     /// Publishes a sealed event on the profile's channel.

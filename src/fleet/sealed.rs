@@ -88,6 +88,10 @@ pub enum Event {
     /// The lock holder's fetch failed with this category: waiters back off
     /// too instead of waiting out their wait.
     Failed {
+        /// The lock owner that failed (it keeps the lock for the fleet's
+        /// backoff): a waiter believes the event only while that owner
+        /// holds the lock, so a replayed one changes nothing.
+        owner: String,
         /// The category's name.
         category: String,
         /// Klavi's `Retry-After`, ms, if it sent one.

@@ -108,7 +108,7 @@ impl<S: TokenSource> FleetSource<S> {
         }
     }
 
-    async fn coordinate(&self, sealing: &Sealing) -> Result<Token, Failed> {
+    async fn coordinate(&self, sealing: &Arc<Sealing>) -> Result<Token, Failed> {
         let deadline = Instant::now() + self.settings.wait;
         let mut events = self.member.events();
         // Bounded: each round waits at least until the deadline or POLL.
@@ -136,7 +136,12 @@ impl<S: TokenSource> FleetSource<S> {
                         break;
                     }
                     let event = events.borrow_and_update().1.clone();
-                    if let Some(Event::Failed { category, retry_after_ms }) = event {
+                    // Only the holder's own failure ends the wait (its lock
+                    // stays for the fleet's backoff): a replayed old event
+                    // names an owner that holds nothing now.
+                    if let Some(Event::Failed { owner, category, retry_after_ms }) = event
+                        && self.redis.lock_owner(&sealing.keys).await?.as_deref() == Some(owner.as_str())
+                    {
                         let category = Category::from_name(&category)
                             .unwrap_or(Category::UpstreamUnavailable);
                         return Err(Failed::Fetch(FetchError::Fleet {
@@ -181,7 +186,12 @@ impl<S: TokenSource> FleetSource<S> {
             lifetime,
             expire_at,
         );
-        if self.member.store.refusal(&token).is_some() {
+        if self.member.store.refusal(&token).is_some()
+            || self
+                .redis
+                .is_rejected(&sealing.keys, &token.digest().to_hex())
+                .await?
+        {
             return Ok(None);
         }
         self.member.hold(Held {
@@ -200,10 +210,19 @@ impl<S: TokenSource> FleetSource<S> {
         Ok(Some(token))
     }
 
-    /// Holding the lock: fetch (renewing it meanwhile), store, publish,
-    /// release.
-    async fn fetch_holding(&self, sealing: &Sealing, owner: &str) -> Result<Token, Failed> {
+    /// Holding the lock: fetch (renewing it meanwhile); then share the
+    /// token in the background (the refresh task stores it at once,
+    /// whatever Redis's latency), or on failure keep the lock for the
+    /// fleet's backoff and tell the waiters.
+    async fn fetch_holding(&self, sealing: &Arc<Sealing>, owner: &str) -> Result<Token, Failed> {
         let px = self.settings.lock_px;
+        // Released if this future is dropped mid-fetch (shutdown).
+        let mut guard = LockGuard {
+            redis: self.redis.clone(),
+            sealing: Arc::clone(sealing),
+            owner: owner.to_string(),
+            armed: true,
+        };
         let renew = async {
             // Until the fetch ends (it is bounded by Klavi's timeouts).
             loop {
@@ -218,43 +237,113 @@ impl<S: TokenSource> FleetSource<S> {
             // Never taken: the renewal loop does not end.
             () = renew => Err(FetchError::Timeout),
         };
+        guard.armed = false;
         match fetched {
             Ok(token) => {
-                if let Err(error) = self.share(sealing, owner, &token).await {
-                    tracing::debug!(profile = %self.member.name, %error, "token not shared");
-                }
+                let held = self.member.held();
+                // The schedule is a fetcher's from now on (its jitter is
+                // asked for before the share below ends).
+                self.member.hold(Held {
+                    generation: held.generation,
+                    digest: Some(*token.digest()),
+                    role: Role::Fetched,
+                });
+                tokio::spawn(share(
+                    self.redis.clone(),
+                    Arc::clone(&self.member),
+                    Arc::clone(sealing),
+                    owner.to_string(),
+                    token.clone(),
+                    held.generation,
+                    Arc::clone(&self.clock),
+                ));
                 Ok(token)
             }
             Err(error) => {
+                // The fleet's consecutive failures set how long the lock
+                // stays: the whole fleet backs off as one sidecar would
+                // (never less than the floor, §5.9).
+                let policy = &self.settings.policy;
+                let failures = self
+                    .redis
+                    .count_failure(&sealing.keys, policy.backoff_max * 4)
+                    .await
+                    .unwrap_or(1);
+                let failure = crate::cache::policy::Failure {
+                    category: error.category(),
+                    retry_after: error.retry_after(),
+                    failures,
+                };
+                let cooldown = crate::cache::policy::delay_after_failure(
+                    &failure,
+                    policy,
+                    rand::random::<f64>(),
+                );
+                let _ = self.redis.renew(&sealing.keys, owner, cooldown).await;
                 let event = Event::Failed {
+                    owner: owner.to_string(),
                     category: error.category().as_str().to_string(),
                     retry_after_ms: error.retry_after().map(|d| d.as_millis() as u64),
                 };
                 if let Ok(sealed) = sealing.key.seal_event(&event) {
                     let _ = self.redis.publish(&sealing.keys, sealed).await;
                 }
-                // The lock stays for the backoff floor: no other sidecar
-                // tries sooner than this one may.
-                let floor = self.settings.policy.backoff_initial;
-                let _ = self.redis.renew(&sealing.keys, owner, floor).await;
                 Err(Failed::Fetch(error))
             }
         }
     }
+}
 
-    /// Stores `token` with the next generation, publishes, releases the
-    /// lock. A token reported rejected meanwhile is not shared.
-    async fn share(&self, sealing: &Sealing, owner: &str, token: &Token) -> Result<(), RedisDown> {
-        if self.member.store.refusal(token).is_some() {
-            return self.redis.release(&sealing.keys, owner).await;
+/// Releases the lock when dropped armed: a fetch cancelled at shutdown
+/// does not leave the fleet waiting for the lock's PX.
+struct LockGuard {
+    redis: Redis,
+    sealing: Arc<Sealing>,
+    owner: String,
+    armed: bool,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
         }
-        let held = self.member.held();
-        let generation = self
-            .redis
-            .next_generation(&sealing.keys, held.generation)
+        let (redis, sealing, owner) = (
+            self.redis.clone(),
+            Arc::clone(&self.sealing),
+            std::mem::take(&mut self.owner),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = redis.release(&sealing.keys, &owner).await;
+            });
+        }
+    }
+}
+
+/// Stores `token` with the next generation, publishes, releases the lock
+/// (whatever fails on the way: the lock never outlives the share), and
+/// clears the fleet's failures. A token reported rejected meanwhile is
+/// not shared.
+async fn share(
+    redis: Redis,
+    member: Arc<Member>,
+    sealing: Arc<Sealing>,
+    owner: String,
+    token: Token,
+    held_generation: u64,
+    clock: Arc<dyn WallClock>,
+) {
+    let shared = async {
+        let _ = redis.clear_failures(&sealing.keys).await;
+        if member.store.refusal(&token).is_some() {
+            return Ok(());
+        }
+        let generation = redis
+            .next_generation(&sealing.keys, held_generation)
             .await?;
         let now = Instant::now();
-        let now_ms = unix_ms(self.clock.now());
+        let now_ms = unix_ms(clock.now());
         let age_ms = now.saturating_duration_since(token.sent_at()).as_millis() as i64;
         let record = Record {
             token: token.value().expose().to_string(),
@@ -263,26 +352,33 @@ impl<S: TokenSource> FleetSource<S> {
             generation,
         };
         let Ok(sealed) = sealing.key.seal(&record) else {
-            return self.redis.release(&sealing.keys, owner).await;
+            return Ok(());
         };
         let ttl = token.remaining(now).max(Duration::from_millis(1));
-        let stored = self
-            .redis
-            .store(&sealing.keys, generation, sealed, ttl)
-            .await?;
-        self.member.hold(Held {
-            generation,
-            digest: Some(*token.digest()),
-            role: Role::Fetched,
-        });
+        let stored = redis.store(&sealing.keys, generation, sealed, ttl).await?;
+        // Only if nothing newer came meanwhile (this sidecar's own next
+        // fetch, or an adoption).
+        let digest = *token.digest();
+        let current = member.held();
+        if current.digest == Some(digest) {
+            member.hold(Held {
+                generation,
+                digest: Some(digest),
+                role: Role::Fetched,
+            });
+        }
         if stored {
             if let Ok(event) = sealing.key.seal_event(&Event::Stored { generation }) {
-                self.redis.publish(&sealing.keys, event).await?;
+                redis.publish(&sealing.keys, event).await?;
             }
-            tracing::debug!(profile = %self.member.name, generation, "token shared with the fleet");
+            tracing::debug!(profile = %member.name, generation, "token shared with the fleet");
         }
-        self.redis.release(&sealing.keys, owner).await
+        Ok::<(), RedisDown>(())
+    };
+    if let Err(error) = shared.await {
+        tracing::debug!(profile = %member.name, %error, "token not shared");
     }
+    let _ = redis.release(&sealing.keys, &owner).await;
 }
 
 /// A random lock owner: whoever holds the lock is the one that set it.

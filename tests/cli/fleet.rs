@@ -402,8 +402,18 @@ async fn the_lock_is_renewed_while_a_slow_fetch_runs_and_released_after() {
     let pttl: i64 = redis::cmd("PTTL").arg(&lock).query(&mut con).unwrap();
     assert!(pttl > 5000, "PTTL {pttl} ms: not renewed");
     sidecar.wait_ready().await;
-    let exists: bool = redis::cmd("EXISTS").arg(&lock).query(&mut con).unwrap();
-    assert!(!exists, "released once the token is stored");
+    let released = Instant::now() + Duration::from_secs(2);
+    while redis::cmd("EXISTS")
+        .arg(&lock)
+        .query::<bool>(&mut con)
+        .unwrap()
+    {
+        assert!(
+            Instant::now() < released,
+            "not released once the token is stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(fake.calls(), 1);
     sidecar.stop();
 }
@@ -493,4 +503,139 @@ async fn rediss_works_over_rustls_and_an_unknown_certificate_is_redis_down() {
     );
     trusted.stop();
     second.stop();
+}
+
+/// The key names the sidecars of `fake` use (the demo keys, prefix
+/// `fleet-test`).
+fn keys_of(fake: &FakeKlavi) -> klavi_token_sidecar::fleet::keys::Keys {
+    use klavi_token_sidecar::fleet::sealed::Identity;
+    let base = url::Url::parse(&fake.base_url()).unwrap();
+    let identity = Identity::of(
+        base.as_str(),
+        "/payment/customer/v1/auth",
+        &klavi_token_sidecar::secret::Secret::new(ACCESS),
+    );
+    klavi_token_sidecar::fleet::keys::Keys::new("fleet-test", &identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_redis_neither_stalls_the_fleet_nor_turns_it_off() {
+    let Some(redis) = RedisServer::start("fleet: garbage in Redis") else {
+        return;
+    };
+    let url = redis.url();
+    let fake = fake(300).await;
+    let keys = keys_of(&fake);
+    let mut con = connection(&redis);
+    // A lock that never expires, a counter of the wrong type, a record
+    // that is not a hash.
+    let _: () = redis::cmd("SET")
+        .arg(&keys.lock)
+        .arg("forever")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.generation)
+        .arg("x")
+        .arg("y")
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&keys.token)
+        .arg("garbage")
+        .query(&mut con)
+        .unwrap();
+    // The lock's PX: 3 s + 2 s.
+    let env = fleet_env(&url, &[("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "3000")]);
+    let started = Instant::now();
+    let first = Sidecar::start(&fake, &env).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5 + 2),
+        "the endless lock held the fleet for {:?}",
+        started.elapsed()
+    );
+    let token = first.token().await;
+    let second = Sidecar::start(&fake, &env).await;
+    assert_eq!(
+        second.token().await,
+        token,
+        "adopted over the repaired record"
+    );
+    assert_eq!(fake.calls(), 1);
+    assert_eq!(first.metric("klavi_sidecar_fleet_redis_up").await, 1.0);
+    assert_eq!(second.metric("klavi_sidecar_fleet_redis_up").await, 1.0);
+    let generation: u64 = redis::cmd("GET")
+        .arg(&keys.generation)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(generation, 1);
+    first.stop();
+    second.stop();
+
+    // A record with an absurd generation and a huge value: absent, never
+    // loaded, and replaced by the next fetch with a sane generation.
+    let huge = vec![b'x'; 4 << 20];
+    let _: () = redis::cmd("DEL").arg(&keys.token).query(&mut con).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.token)
+        .arg("gen")
+        .arg("18446744073709551615")
+        .arg("sealed")
+        .arg(huge)
+        .query(&mut con)
+        .unwrap();
+    let third = Sidecar::start(&fake, &env).await;
+    assert_eq!(fake.calls(), 2, "fetched: nothing usable in Redis");
+    assert_eq!(third.metric("klavi_sidecar_fleet_redis_up").await, 1.0);
+    let stored: u64 = redis::cmd("HGET")
+        .arg(&keys.token)
+        .arg("gen")
+        .query(&mut con)
+        .unwrap();
+    assert!(stored < 1 << 53, "{stored}");
+    let fourth = Sidecar::start(&fake, &env).await;
+    assert_eq!(fourth.token().await, third.token().await);
+    assert_eq!(fake.calls(), 2);
+    third.stop();
+    fourth.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_made_while_redis_is_down_reaches_the_fleet_when_it_is_back() {
+    let Some(mut redis) = RedisServer::start("fleet: a rejection during an outage") else {
+        return;
+    };
+    let url = redis.url();
+    let fake = fake(300).await;
+    let env = fleet_env(&url, &[]);
+    let a = Sidecar::start(&fake, &env).await;
+    let b = Sidecar::start(&fake, &env).await;
+    let token = a.token().await;
+    assert_eq!(b.token().await, token);
+    redis.stop();
+    let (status, body) = a
+        .call(
+            true,
+            "/token/refresh",
+            Some(format!(r#"{{"rejectedToken":"{token}"}}"#)),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["accessToken"], token.as_str());
+    // B cannot know yet.
+    assert_eq!(b.token().await, token);
+    redis.restart();
+    let back = Instant::now();
+    eventually(
+        "B drops the token rejected during the outage",
+        Duration::from_secs(5),
+        || async {
+            let (_, body) = b.call(false, "/token", None).await;
+            body["accessToken"] != token.as_str()
+        },
+    )
+    .await;
+    println!("told {:?} after Redis came back", back.elapsed());
+    a.stop();
+    b.stop();
 }
