@@ -240,6 +240,11 @@ impl std::fmt::Debug for Redis {
     }
 }
 
+/// `d` in whole milliseconds (at least 1), as a command argument.
+fn millis(d: Duration) -> String {
+    d.as_millis().clamp(1, u128::from(u64::MAX)).to_string()
+}
+
 /// The connection manager's settings: every connection attempt and
 /// response bounded by the command timeout; reconnection retried by the
 /// manager a few times with a short backoff (the fleet's own probe does the
@@ -303,20 +308,45 @@ impl Redis {
         .map(|_| ())
     }
 
+    /// Runs one of the scripts above with `keys` and `args`.
+    async fn eval<T>(
+        &self,
+        what: &str,
+        code: &'static str,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, RedisDown>
+    where
+        T: redis::FromRedisValue + Send,
+    {
+        let mut conn = self.manager.clone();
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let args: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+        self.run(what, async move {
+            let script = Script::new(code);
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg.as_slice());
+            }
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
     /// The profile's record: its plain fields and the sealed token
     /// (anything but a sane record counts as none).
     pub async fn read(&self, keys: &Keys) -> Result<Option<(Stored, Vec<u8>)>, RedisDown> {
-        let mut conn = self.manager.clone();
-        let key = keys.token.clone();
+        let (limit, generations) = (MAX_SEALED_BYTES.to_string(), MAX_GENERATION.to_string());
         let found: Option<(String, Vec<u8>, i64)> = self
-            .run("read the token", async move {
-                Script::new(READ)
-                    .key(&key)
-                    .arg(MAX_SEALED_BYTES)
-                    .arg(MAX_GENERATION)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "read the token",
+                READ,
+                &[&keys.token],
+                &[limit.as_bytes(), generations.as_bytes()],
+            )
             .await?;
         let Some((generation, sealed, rejected)) = found else {
             return Ok(None);
@@ -338,27 +368,19 @@ impl Redis {
 
     /// Who holds the lock now.
     pub async fn lock_owner(&self, keys: &Keys) -> Result<Option<String>, RedisDown> {
-        let mut conn = self.manager.clone();
-        let key = keys.lock.clone();
-        self.run("read the lock", async move {
-            Script::new(OWNER).key(&key).invoke_async(&mut conn).await
-        })
-        .await
+        self.eval("read the lock", OWNER, &[&keys.lock], &[]).await
     }
 
     /// Counts a failed fetch; returns the fleet's consecutive failures.
     pub async fn count_failure(&self, keys: &Keys, ttl: Duration) -> Result<u32, RedisDown> {
-        let mut conn = self.manager.clone();
-        let key = keys.failures.clone();
-        let ttl = ttl.as_millis().max(1) as u64;
+        let ttl = millis(ttl);
         let n: i64 = self
-            .run("count a failure", async move {
-                Script::new(FAILED)
-                    .key(&key)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "count a failure",
+                FAILED,
+                &[&keys.failures],
+                &[ttl.as_bytes()],
+            )
             .await?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
@@ -383,69 +405,55 @@ impl Redis {
         owner: &str,
         px: Duration,
     ) -> Result<bool, RedisDown> {
-        let mut conn = self.manager.clone();
-        let (key, owner) = (keys.lock.clone(), owner.to_string());
-        let px = px.as_millis().max(1) as u64;
+        let px = millis(px);
         let taken: i64 = self
-            .run("take the lock", async move {
-                Script::new(LOCK)
-                    .key(&key)
-                    .arg(&owner)
-                    .arg(px)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "take the lock",
+                LOCK,
+                &[&keys.lock],
+                &[owner.as_bytes(), px.as_bytes()],
+            )
             .await?;
         Ok(taken == 1)
     }
 
     /// Sets the lock's expiry to `px` from now, if `owner` still holds it.
     pub async fn renew(&self, keys: &Keys, owner: &str, px: Duration) -> Result<bool, RedisDown> {
-        let mut conn = self.manager.clone();
-        let (key, owner) = (keys.lock.clone(), owner.to_string());
-        let px = px.as_millis().max(1) as u64;
+        let px = millis(px);
         let renewed: i64 = self
-            .run("renew the lock", async move {
-                Script::new(RENEW)
-                    .key(&key)
-                    .arg(&owner)
-                    .arg(px)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "renew the lock",
+                RENEW,
+                &[&keys.lock],
+                &[owner.as_bytes(), px.as_bytes()],
+            )
             .await?;
         Ok(renewed == 1)
     }
 
     /// Deletes the lock, if `owner` still holds it.
     pub async fn release(&self, keys: &Keys, owner: &str) -> Result<(), RedisDown> {
-        let mut conn = self.manager.clone();
-        let (key, owner) = (keys.lock.clone(), owner.to_string());
         let _: i64 = self
-            .run("release the lock", async move {
-                Script::new(RELEASE)
-                    .key(&key)
-                    .arg(&owner)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "release the lock",
+                RELEASE,
+                &[&keys.lock],
+                &[owner.as_bytes()],
+            )
             .await?;
         Ok(())
     }
 
     /// The generation for a token about to be stored, above `held`.
     pub async fn next_generation(&self, keys: &Keys, held: u64) -> Result<u64, RedisDown> {
-        let mut conn = self.manager.clone();
-        let (counter, token) = (keys.generation.clone(), keys.token.clone());
-        self.run("next generation", async move {
-            Script::new(NEXT_GENERATION)
-                .key(&counter)
-                .key(&token)
-                .arg(held.min(MAX_GENERATION - 1))
-                .arg(MAX_GENERATION)
-                .invoke_async(&mut conn)
-                .await
-        })
+        let held = held.min(MAX_GENERATION - 1).to_string();
+        let limit = MAX_GENERATION.to_string();
+        self.eval(
+            "next generation",
+            NEXT_GENERATION,
+            &[&keys.generation, &keys.token],
+            &[held.as_bytes(), limit.as_bytes()],
+        )
         .await
     }
 
@@ -455,23 +463,26 @@ impl Redis {
         &self,
         keys: &Keys,
         generation: u64,
-        sealed: Vec<u8>,
+        sealed: &[u8],
         ttl: Duration,
     ) -> Result<bool, RedisDown> {
-        let mut conn = self.manager.clone();
-        let key = keys.token.clone();
-        let ttl = ttl.as_millis().max(1) as u64;
+        let (generation, ttl, limit) = (
+            generation.to_string(),
+            millis(ttl),
+            MAX_GENERATION.to_string(),
+        );
         let stored: i64 = self
-            .run("store the token", async move {
-                Script::new(STORE)
-                    .key(&key)
-                    .arg(generation)
-                    .arg(sealed)
-                    .arg(ttl)
-                    .arg(MAX_GENERATION)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "store the token",
+                STORE,
+                &[&keys.token],
+                &[
+                    generation.as_bytes(),
+                    sealed,
+                    ttl.as_bytes(),
+                    limit.as_bytes(),
+                ],
+            )
             .await?;
         Ok(stored == 1)
     }
@@ -484,40 +495,27 @@ impl Redis {
         digest: &str,
         generation: u64,
     ) -> Result<(), RedisDown> {
-        let mut conn = self.manager.clone();
-        let (rejected, token, digest) = (
-            keys.rejected.clone(),
-            keys.token.clone(),
-            digest.to_string(),
-        );
-        let ttl = super::adopt::MAX_AHEAD.as_millis() as u64;
+        let (generation, ttl) = (generation.to_string(), millis(super::adopt::MAX_AHEAD));
         let _: i64 = self
-            .run("record the rejection", async move {
-                Script::new(REJECT)
-                    .key(&rejected)
-                    .key(&token)
-                    .arg(&digest)
-                    .arg(generation)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "record the rejection",
+                REJECT,
+                &[&keys.rejected, &keys.token],
+                &[digest.as_bytes(), generation.as_bytes(), ttl.as_bytes()],
+            )
             .await?;
         Ok(())
     }
 
     /// Whether the token of `digest` (hex) was reported rejected.
     pub async fn is_rejected(&self, keys: &Keys, digest: &str) -> Result<bool, RedisDown> {
-        let mut conn = self.manager.clone();
-        let (rejected, digest) = (keys.rejected.clone(), digest.to_string());
         let found: i64 = self
-            .run("read the rejections", async move {
-                Script::new(IS_REJECTED)
-                    .key(&rejected)
-                    .arg(&digest)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+            .eval(
+                "read the rejections",
+                IS_REJECTED,
+                &[&keys.rejected],
+                &[digest.as_bytes()],
+            )
             .await?;
         Ok(found == 1)
     }

@@ -355,7 +355,7 @@ async fn share(
             return Ok(());
         };
         let ttl = token.remaining(now).max(Duration::from_millis(1));
-        let stored = redis.store(&sealing.keys, generation, sealed, ttl).await?;
+        let stored = redis.store(&sealing.keys, generation, &sealed, ttl).await?;
         // Only if nothing newer came meanwhile (this sidecar's own next
         // fetch, or an adoption).
         let digest = *token.digest();

@@ -7,7 +7,7 @@
 use klavi_sidecar_testkit::redis::RedisServer;
 use klavi_token_sidecar::fake_klavi::{FakeKlavi, FakeKlaviConfig, Outcome};
 
-use super::sidecar::{Sidecar, metric_in};
+use super::sidecar::Sidecar;
 use super::*;
 
 const ACCESS: &str = "demo-access-key";
@@ -72,6 +72,22 @@ fn stored_generation(server: &RedisServer) -> u64 {
         .arg("gen")
         .query(&mut con)
         .unwrap()
+}
+
+/// The lock's name, once a sidecar has taken it (within 5 s).
+async fn lock_taken(con: &mut redis::Connection) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("fleet-test:*:lock")
+            .query(con)
+            .unwrap();
+        if let Some(lock) = keys.into_iter().next() {
+            return lock;
+        }
+        assert!(Instant::now() < deadline, "the lock was never taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
@@ -339,18 +355,7 @@ async fn a_lock_holder_killed_mid_fetch_delays_the_fleet_by_at_most_the_lock_px(
     let env = fleet_env(&url, &[("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "3000")]);
     let holder = Sidecar::spawn(&fake, &env);
     let mut con = connection(&redis);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let lock = loop {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("fleet-test:*:lock")
-            .query(&mut con)
-            .unwrap();
-        if let Some(lock) = keys.into_iter().next() {
-            break lock;
-        }
-        assert!(Instant::now() < deadline, "the holder never took the lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let lock = lock_taken(&mut con).await;
     let waiter = Sidecar::spawn(&fake, &env);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed_at = Instant::now();
@@ -384,18 +389,8 @@ async fn the_lock_is_renewed_while_a_slow_fetch_runs_and_released_after() {
     let env = fleet_env(&url, &[("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "6000")]);
     let sidecar = Sidecar::spawn(&fake, &env);
     let mut con = connection(&redis);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (lock, taken_at) = loop {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("fleet-test:*:lock")
-            .query(&mut con)
-            .unwrap();
-        if let Some(lock) = keys.into_iter().next() {
-            break (lock, Instant::now());
-        }
-        assert!(Instant::now() < deadline, "the lock was never taken");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let lock = lock_taken(&mut con).await;
+    let taken_at = Instant::now();
     // After 4 s an unrenewed lock would have under 4 s left; renewed at
     // about 2.7 s, it has over 5.
     tokio::time::sleep(Duration::from_secs(4).saturating_sub(taken_at.elapsed())).await;
@@ -447,16 +442,7 @@ async fn a_failing_klavi_is_asked_by_one_sidecar_at_a_time_no_more_than_alone() 
     for sidecar in &fleet[1..] {
         assert_eq!(sidecar.token().await, token);
     }
-    let text = fleet[0]
-        .http
-        .get(format!("http://{}/metrics", fleet[0].ops))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(metric_in(&text, "klavi_sidecar_fleet_redis_up"), 1.0);
+    assert_eq!(fleet[0].metric("klavi_sidecar_fleet_redis_up").await, 1.0);
     for sidecar in fleet {
         sidecar.stop();
     }
