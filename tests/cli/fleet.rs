@@ -20,6 +20,14 @@ async fn fake(ttl: u64) -> FakeKlavi {
         .unwrap()
 }
 
+/// A Redis for the test `who` (or `None`: skipped, see the harness), its
+/// URL, and a fake Klavi of `ttl`-second tokens.
+async fn start(who: &str, ttl: u64) -> Option<(RedisServer, String, FakeKlavi)> {
+    let redis = RedisServer::start(who)?;
+    let url = redis.url();
+    Some((redis, url, fake(ttl).await))
+}
+
 /// The environment of a fleet sidecar on `redis`, plus `more`.
 fn fleet_env<'a>(redis: &'a str, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut env = vec![
@@ -104,11 +112,9 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_of_one_account_fetch_once_per_lifetime_and_redis_reads_nothing() {
-    let Some(redis) = RedisServer::start("fleet: one fetch per lifetime") else {
+    let Some((redis, url, fake)) = start("fleet: one fetch per lifetime", 6).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(6).await;
     // Three sidecars started at once: one fetch between them.
     let env = fleet_env(&url, &SHORT);
     let fleet: Vec<Sidecar> = (0..3).map(|_| Sidecar::spawn(&fake, &env)).collect();
@@ -201,11 +207,9 @@ async fn sidecars_of_one_account_fetch_once_per_lifetime_and_redis_reads_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_rejected_on_one_sidecar_is_dropped_by_all_within_a_second() {
-    let Some(redis) = RedisServer::start("fleet: rejections") else {
+    let Some((_redis, url, fake)) = start("fleet: rejections", 300).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(300).await;
     let env = fleet_env(&url, &[]);
     let a = Sidecar::start(&fake, &env).await;
     let b = Sidecar::start(&fake, &env).await;
@@ -262,11 +266,9 @@ async fn a_token_rejected_on_one_sidecar_is_dropped_by_all_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_lost_and_back_under_load_changes_nothing_clients_see() {
-    let Some(mut redis) = RedisServer::start("fleet: Redis restarts") else {
+    let Some((mut redis, url, fake)) = start("fleet: Redis restarts", 6).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(6).await;
     let env = fleet_env(&url, &SHORT);
     let fleet = [
         Sidecar::start(&fake, &env).await,
@@ -345,11 +347,9 @@ async fn sidecar_ready(sidecar: &Sidecar) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_holder_killed_mid_fetch_delays_the_fleet_by_at_most_the_lock_px() {
-    let Some(redis) = RedisServer::start("fleet: a killed lock holder") else {
+    let Some((redis, url, fake)) = start("fleet: a killed lock holder", 300).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(300).await;
     // Klavi hangs on the first request; the lock's PX is 3 s + 2 s.
     fake.push([Outcome::from(klavi_token_sidecar::fake_klavi::Reply::Hang)]);
     let env = fleet_env(&url, &[("KLAVI_SIDECAR_KLAVI__REQUEST_TIMEOUT_MS", "3000")]);
@@ -378,11 +378,9 @@ async fn a_lock_holder_killed_mid_fetch_delays_the_fleet_by_at_most_the_lock_px(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lock_is_renewed_while_a_slow_fetch_runs_and_released_after() {
-    let Some(redis) = RedisServer::start("fleet: lock renewal") else {
+    let Some((redis, url, fake)) = start("fleet: lock renewal", 300).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(300).await;
     // A 5.5 s answer under Klavi's 6 s timeout: PX 8 s, renewed every
     // 8/3 s.
     fake.push([Outcome::token().after(Duration::from_millis(5500))]);
@@ -415,11 +413,9 @@ async fn the_lock_is_renewed_while_a_slow_fetch_runs_and_released_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_klavi_is_asked_by_one_sidecar_at_a_time_no_more_than_alone() {
-    let Some(redis) = RedisServer::start("fleet: Klavi failing") else {
+    let Some((_redis, url, fake)) = start("fleet: Klavi failing", 300).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(300).await;
     fake.set_default(Outcome::status(500));
     let env = fleet_env(&url, &[("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "1")]);
     let fleet: Vec<Sidecar> = (0..4).map(|_| Sidecar::spawn(&fake, &env)).collect();
@@ -506,11 +502,9 @@ fn keys_of(fake: &FakeKlavi) -> klavi_token_sidecar::fleet::keys::Keys {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_in_redis_neither_stalls_the_fleet_nor_turns_it_off() {
-    let Some(redis) = RedisServer::start("fleet: garbage in Redis") else {
+    let Some((redis, url, fake)) = start("fleet: garbage in Redis", 300).await else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(300).await;
     let keys = keys_of(&fake);
     let mut con = connection(&redis);
     // A lock that never expires, a counter of the wrong type, a record
@@ -588,11 +582,10 @@ async fn garbage_in_redis_neither_stalls_the_fleet_nor_turns_it_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejection_made_while_redis_is_down_reaches_the_fleet_when_it_is_back() {
-    let Some(mut redis) = RedisServer::start("fleet: a rejection during an outage") else {
+    let Some((mut redis, url, fake)) = start("fleet: a rejection during an outage", 300).await
+    else {
         return;
     };
-    let url = redis.url();
-    let fake = fake(300).await;
     let env = fleet_env(&url, &[]);
     let a = Sidecar::start(&fake, &env).await;
     let b = Sidecar::start(&fake, &env).await;
