@@ -339,6 +339,17 @@ async fn share(
         if member.store.refusal(&token).is_some() {
             return Ok(());
         }
+        if token.remaining(Instant::now()) > super::adopt::MAX_AHEAD {
+            // The others would ignore it (an expiry over a day ahead is
+            // taken for a broken writer's, SPEC §8): said, not stored.
+            tracing::warn!(
+                profile = %member.name,
+                fingerprint = token.fingerprint(),
+                "the token lives longer than a day, which fleet mode does not share; each sidecar \
+                 fetches its own"
+            );
+            return Ok(());
+        }
         let generation = redis
             .next_generation(&sealing.keys, held_generation)
             .await?;
