@@ -233,9 +233,11 @@ fn start_profiles(
                     Arc::clone(&parts.store),
                     profile.metrics().fleet_adopted(),
                 );
+                let stored = Arc::clone(&member.stored);
                 let source = fleet.source(client, member, &parts.config);
                 Refresher::new(source, store, policy)
                     .key_changes(key_changes)
+                    .source_ready(stored)
                     .observer(observer)
                     .name(name)
                     .spawn(stop.clone())

@@ -67,6 +67,7 @@ pub struct Refresher<S> {
     policy: RefreshPolicy,
     jitter: Jitter,
     key_changes: Arc<Notify>,
+    source_ready: Arc<Notify>,
     observer: Arc<dyn RefreshObserver>,
     /// The profile, for the logs.
     name: String,
@@ -127,6 +128,7 @@ impl<S: TokenSource> Refresher<S> {
             policy,
             jitter: random_jitter(),
             key_changes: Arc::new(Notify::new()),
+            source_ready: Arc::new(Notify::new()),
             observer: Arc::new(Unobserved),
             name: "default".to_string(),
         }
@@ -142,6 +144,15 @@ impl<S: TokenSource> Refresher<S> {
     /// rejected credentials.
     pub fn key_changes(mut self, key_changes: Arc<Notify>) -> Self {
         self.key_changes = key_changes;
+        self
+    }
+
+    /// Notified by the source when a fetch would now succeed without
+    /// asking Klavi (the fleet stored a token): a profile with no servable
+    /// token backing off after a failure tries at once, but never sooner
+    /// than the floor after the failure.
+    pub fn source_ready(mut self, source_ready: Arc<Notify>) -> Self {
+        self.source_ready = source_ready;
         self
     }
 
@@ -241,6 +252,17 @@ impl<S: TokenSource> Refresher<S> {
                         tracing::info!(profile = %self.name, "key file changed; retrying with the new keys now");
                         // At once, but never sooner than the floor after
                         // the failure (§5.9).
+                        let floor = progress
+                            .failed_at
+                            .map_or(now, |at| at + self.policy.backoff_initial);
+                        scheduled = floor.max(now);
+                        progress.backoff_until = Some(scheduled);
+                    }
+                    continue;
+                }
+                () = self.source_ready.notified() => {
+                    let waiting = progress.backoff_until.is_some_and(|at| at > now);
+                    if waiting && self.store.servable(now).is_none() {
                         let floor = progress
                             .failed_at
                             .map_or(now, |at| at + self.policy.backoff_initial);

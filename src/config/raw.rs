@@ -492,16 +492,27 @@ impl RedisUrl {
             return crate::secret::REDACTED.to_string();
         };
         let mut shown = format!("{}://", url.scheme());
+        // No host: whatever follows the scheme may be the credentials.
+        let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+            return shown + "REDACTED";
+        };
         if !url.username().is_empty() || url.password().is_some() {
             shown.push_str("REDACTED@");
         }
-        if let Some(host) = url.host_str() {
-            shown.push_str(host);
-        }
+        shown.push_str(host);
         if let Some(port) = url.port() {
             shown.push_str(&format!(":{port}"));
         }
-        shown.push_str(url.path());
+        // A database number, or nothing; anything else is not shown.
+        let path = url.path();
+        if path
+            .strip_prefix('/')
+            .is_some_and(|db| db.bytes().all(|b| b.is_ascii_digit()))
+        {
+            shown.push_str(path);
+        } else if !path.is_empty() {
+            shown.push_str("/REDACTED");
+        }
         if url.query().is_some() || url.fragment().is_some() {
             shown.push_str("?REDACTED");
         }

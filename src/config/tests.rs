@@ -110,6 +110,10 @@ fn fleet_section_is_checked_and_its_password_never_shows() {
         "redis://host/0?password=hunter22",
         "redis://hunter22@host",
         "redis://:hunter22@host:6379/0#frag",
+        "redis:u:hunter22@127.0.0.1",
+        "rediss:default:hunter22@10.0.0.5:6379",
+        "redis:/default:hunter22@host",
+        "redis://host/0/../hunter22",
     ] {
         let shown = crate::config::RedisUrl::new(url).redacted();
         assert!(

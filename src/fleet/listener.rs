@@ -121,6 +121,12 @@ pub async fn listen(
             if redis.link().is_down() {
                 let _ = redis.ping().await;
             }
+            // Not hearing publications: poll for rejections instead.
+            if redis.link().usable() {
+                for member in &members {
+                    member.catch_up(&redis).await;
+                }
+            }
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep_until(resume.min(tokio::time::Instant::now() + PROBE)) => {}

@@ -71,6 +71,9 @@ pub struct Member {
     events: watch::Sender<(u64, Option<Event>)>,
     /// `klavi_sidecar_fleet_tokens_adopted_total{profile}`.
     pub adopted: Counter,
+    /// Wakes the refresh task when a token was stored and this profile
+    /// has none to serve (it may be in a long backoff).
+    pub stored: Arc<tokio::sync::Notify>,
 }
 
 impl Member {
@@ -94,6 +97,7 @@ impl Member {
             held: Mutex::new(Held::default()),
             events: watch::Sender::new((0, None)),
             adopted,
+            stored: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -172,6 +176,11 @@ impl Member {
                     "another sidecar of the fleet reports the token rejected; no longer served"
                 );
             }
+        }
+        if matches!(event, Event::Stored { .. })
+            && self.store.servable(tokio::time::Instant::now()).is_none()
+        {
+            self.stored.notify_one();
         }
         self.events.send_modify(|(seq, last)| {
             *seq += 1;

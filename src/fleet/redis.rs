@@ -84,22 +84,28 @@ if g <= floor then
   redis.call('SET', KEYS[1], string.format('%d', g))
 end
 if g >= limit then
+  -- Wrapped: the record (whose generation is the floor) goes too, or
+  -- nothing could be stored over it again.
   g = 1
   redis.call('SET', KEYS[1], '1')
+  redis.call('DEL', KEYS[2])
 end
 return g
 ";
 
-/// Records a rejected token: its digest into the set of rejected ones
-/// (kept a day, the longest a stored token may live), so a sidecar that
-/// missed the publication, or reads an old record put back, still knows;
-/// and the record of its generation (not a newer one) marked.
+/// Records a rejected token: its digest into the set of rejected ones,
+/// scored by when (entries older than `ttl` are trimmed on each write, the
+/// longest a stored token may live), so a sidecar that missed the
+/// publication, or reads an old record put back, still knows; and the
+/// record of its generation (not a newer one) marked.
 /// KEYS: rejected, token. ARGV: digest, generation (0: none), ttl ms.
 const REJECT: &str = r"
-if redis.call('TYPE', KEYS[1]).ok ~= 'hash' and redis.call('TYPE', KEYS[1]).ok ~= 'none' then
-  redis.call('DEL', KEYS[1])
-end
-redis.call('HSET', KEYS[1], ARGV[1], '1')
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if ARGV[2] ~= '0' and redis.call('TYPE', KEYS[2]).ok == 'hash' and redis.call('HGET', KEYS[2], 'gen') == ARGV[2] then
   redis.call('HSET', KEYS[2], 'rejected', '1')
@@ -110,8 +116,9 @@ return 1
 /// Whether a digest is in the set of rejected tokens.
 /// KEYS: rejected. ARGV: digest.
 const IS_REJECTED: &str = r"
-if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
-return redis.call('HEXISTS', KEYS[1], ARGV[1])
+if redis.call('TYPE', KEYS[1]).ok ~= 'zset' then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+return 0
 ";
 
 /// Takes the lock if free; a lock someone set without an expiry, or

@@ -417,23 +417,49 @@ async fn a_failing_klavi_is_asked_by_one_sidecar_at_a_time_no_more_than_alone() 
         return;
     };
     fake.set_default(Outcome::status(500));
-    let env = fleet_env(&url, &[("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "1")]);
+    let env = fleet_env(&url, &[("KLAVI_SIDECAR_REFRESH__BACKOFF_MAX_SECS", "4")]);
     let fleet: Vec<Sidecar> = (0..4).map(|_| Sidecar::spawn(&fake, &env)).collect();
     tokio::time::sleep(Duration::from_secs(6)).await;
     let calls = fake.calls();
-    // Alone, each would try every 0.5–1 s: 24–48 requests in 6 s. The
-    // fleet takes turns, each failure holding the lock for the 500 ms
-    // floor: at most one request per 500 ms.
+    // Alone, each would try every 0.5–4 s (its backoff growing): 12–48
+    // requests in 6 s. The fleet takes turns, each failure holding the
+    // lock for the fleet's backoff (at least the 500 ms floor): at most
+    // one request per 500 ms, fewer as the failures add up.
     assert!(
         fake.max_in_flight() <= 1,
         "one request at a time for the fleet"
     );
     assert!((2..=13).contains(&calls), "{calls} requests in 6 s");
-    // Then Klavi recovers, and every sidecar gets the one fresh token.
+    // Then Klavi recovers: one fetch, and the others, however long their
+    // own backoff, are woken by its publication and adopt at once.
     fake.set_default(Outcome::token());
-    for sidecar in &fleet {
-        sidecar.wait_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut first_ready = None;
+    loop {
+        let mut ready = 0;
+        for sidecar in &fleet {
+            if sidecar_ready(sidecar).await.0 == 200 {
+                ready += 1;
+            }
+        }
+        if ready > 0 && first_ready.is_none() {
+            first_ready = Some(Instant::now());
+        }
+        if ready == fleet.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ready} of {} ready",
+            fleet.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let spread = first_ready.map(|at| at.elapsed()).unwrap_or_default();
+    assert!(
+        spread < Duration::from_millis(1500),
+        "the last sidecar was ready {spread:?} after the first"
+    );
     let token = fleet[0].token().await;
     for sidecar in &fleet[1..] {
         assert_eq!(sidecar.token().await, token);
@@ -552,14 +578,14 @@ async fn garbage_in_redis_neither_stalls_the_fleet_nor_turns_it_off() {
     first.stop();
     second.stop();
 
-    // A record with an absurd generation and a huge value: absent, never
+    // A record with the last generation below 2^53 and a huge value: absent, never
     // loaded, and replaced by the next fetch with a sane generation.
     let huge = vec![b'x'; 4 << 20];
     let _: () = redis::cmd("DEL").arg(&keys.token).query(&mut con).unwrap();
     let _: () = redis::cmd("HSET")
         .arg(&keys.token)
         .arg("gen")
-        .arg("18446744073709551615")
+        .arg("9007199254740991")
         .arg("sealed")
         .arg(huge)
         .query(&mut con)
