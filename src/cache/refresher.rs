@@ -250,24 +250,14 @@ impl<S: TokenSource> Refresher<S> {
                 () = self.key_changes.notified() => {
                     if state.last_error == Some(Category::CredentialsRejected) {
                         tracing::info!(profile = %self.name, "key file changed; retrying with the new keys now");
-                        // At once, but never sooner than the floor after
-                        // the failure (§5.9).
-                        let floor = progress
-                            .failed_at
-                            .map_or(now, |at| at + self.policy.backoff_initial);
-                        scheduled = floor.max(now);
-                        progress.backoff_until = Some(scheduled);
+                        scheduled = self.retry_soon(&mut progress, now);
                     }
                     continue;
                 }
                 () = self.source_ready.notified() => {
                     let waiting = progress.backoff_until.is_some_and(|at| at > now);
                     if waiting && self.store.servable(now).is_none() {
-                        let floor = progress
-                            .failed_at
-                            .map_or(now, |at| at + self.policy.backoff_initial);
-                        scheduled = floor.max(now);
-                        progress.backoff_until = Some(scheduled);
+                        scheduled = self.retry_soon(&mut progress, now);
                     }
                     continue;
                 }
@@ -335,6 +325,17 @@ impl<S: TokenSource> Refresher<S> {
                 "refresh attempt finished"
             );
         }
+    }
+
+    /// Cuts a backoff short: the next attempt at once, but never sooner
+    /// than the floor after the last failure (§5.9); returns when.
+    fn retry_soon(&self, progress: &mut Progress, now: Instant) -> Instant {
+        let floor = progress
+            .failed_at
+            .map_or(now, |at| at + self.policy.backoff_initial);
+        let at = floor.max(now);
+        progress.backoff_until = Some(at);
+        at
     }
 
     /// A token that must not be served is a failed attempt: one reported

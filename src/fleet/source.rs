@@ -124,6 +124,14 @@ impl<S: TokenSource> FleetSource<S> {
                 .try_lock(&sealing.keys, &owner, self.settings.lock_px)
                 .await?
             {
+                // Checked again under the lock: a holder may have stored,
+                // published and released between the read above and the
+                // lock (then fetching again would be a second request for
+                // one refresh).
+                if let Some(token) = self.adopt(sealing).await? {
+                    self.redis.release(&sealing.keys, &owner).await?;
+                    return Ok(token);
+                }
                 return self.fetch_holding(sealing, &owner).await;
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -56,14 +56,16 @@ fn everything_in(server: &RedisServer) -> Vec<(String, Vec<Vec<u8>>)> {
     let mut con = connection(server);
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut con).unwrap();
     keys.into_iter()
-        .map(|key| {
+        .filter_map(|key| {
             let kind: String = redis::cmd("TYPE").arg(&key).query(&mut con).unwrap();
             let values: Vec<Vec<u8>> = match kind.as_str() {
                 "hash" => redis::cmd("HGETALL").arg(&key).query(&mut con).unwrap(),
                 "string" => vec![redis::cmd("GET").arg(&key).query(&mut con).unwrap()],
+                // Gone since KEYS (the lock, released meanwhile).
+                "none" => return None,
                 other => panic!("{key} is a {other}"),
             };
-            (key, values)
+            Some((key, values))
         })
         .collect()
 }
@@ -80,6 +82,12 @@ fn stored_generation(server: &RedisServer) -> u64 {
         .arg("gen")
         .query(&mut con)
         .unwrap()
+}
+
+/// Reports `token` rejected to `sidecar`, as an app that got a 401.
+async fn reject(sidecar: &Sidecar, token: &str) -> (u16, serde_json::Value) {
+    let body = format!(r#"{{"rejectedToken":"{token}"}}"#);
+    sidecar.call(true, "/token/refresh", Some(body)).await
 }
 
 /// The lock's name, once a sidecar has taken it (within 5 s).
@@ -220,13 +228,7 @@ async fn a_token_rejected_on_one_sidecar_is_dropped_by_all_within_a_second() {
     assert_eq!(fake.calls(), 1);
 
     let rejected_at = Instant::now();
-    let (status, body) = a
-        .call(
-            true,
-            "/token/refresh",
-            Some(format!(r#"{{"rejectedToken":"{token}"}}"#)),
-        )
-        .await;
+    let (status, body) = reject(&a, &token).await;
     assert_eq!(status, 200, "{body}");
     let fresh = body["accessToken"].as_str().unwrap().to_string();
     assert_ne!(fresh, token);
@@ -618,13 +620,7 @@ async fn a_rejection_made_while_redis_is_down_reaches_the_fleet_when_it_is_back(
     let token = a.token().await;
     assert_eq!(b.token().await, token);
     redis.stop();
-    let (status, body) = a
-        .call(
-            true,
-            "/token/refresh",
-            Some(format!(r#"{{"rejectedToken":"{token}"}}"#)),
-        )
-        .await;
+    let (status, body) = reject(&a, &token).await;
     assert_eq!(status, 200, "{body}");
     assert_ne!(body["accessToken"], token.as_str());
     // B cannot know yet.
