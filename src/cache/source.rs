@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::token::Token;
 
@@ -40,7 +40,7 @@ impl<T: TokenSource> TokenSource for Arc<T> {
 }
 
 /// The error categories of SPEC section 3, as reported to clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
     /// Klavi answered 401 or 403.
@@ -66,14 +66,6 @@ impl Category {
         Self::UpstreamUnavailable,
         Self::InvalidResponse,
     ];
-
-    /// The category named `name` (as [`Self::as_str`] writes it).
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::UPSTREAM
-            .into_iter()
-            .chain([Self::LocalRateLimit])
-            .find(|c| c.as_str() == name)
-    }
 
     /// The snake_case name used in JSON bodies, logs and metric labels.
     pub fn as_str(self) -> &'static str {

@@ -18,7 +18,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands as _, Script};
 
-use super::adopt::Stored;
 use super::keys::Keys;
 
 /// The largest sealed record read: a real one is a few hundred bytes; a
@@ -169,6 +168,17 @@ local n = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return n
 ";
+
+/// The record as Redis holds it, before it is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Its generation (in clear, so scripts can compare).
+    pub generation: u64,
+    /// A sidecar marked it rejected.
+    pub rejected: bool,
+    /// The sealed [`super::sealed::Record`].
+    pub sealed: Vec<u8>,
+}
 
 /// A Redis command failed or took longer than the command timeout.
 #[derive(Debug, thiserror::Error)]
@@ -343,9 +353,10 @@ impl Redis {
         .await
     }
 
-    /// The profile's record: its plain fields and the sealed token
-    /// (anything but a sane record counts as none).
-    pub async fn read(&self, keys: &Keys) -> Result<Option<(Stored, Vec<u8>)>, RedisDown> {
+    /// The profile's record as stored: its generation in clear, whether it
+    /// is marked rejected, and the sealed token (anything but a sane
+    /// record counts as none).
+    pub async fn read(&self, keys: &Keys) -> Result<Option<StoredRecord>, RedisDown> {
         let (limit, generations) = (MAX_SEALED_BYTES.to_string(), MAX_GENERATION.to_string());
         let found: Option<(String, Vec<u8>, i64)> = self
             .eval(
@@ -355,22 +366,13 @@ impl Redis {
                 &[limit.as_bytes(), generations.as_bytes()],
             )
             .await?;
-        let Some((generation, sealed, rejected)) = found else {
-            return Ok(None);
-        };
-        let Ok(generation) = generation.parse::<u64>() else {
-            return Ok(None);
-        };
-        Ok(Some((
-            Stored {
-                generation,
-                // Filled in from the sealed record by the caller.
-                expire_at: 0,
-                issued_at_ms: 0,
+        Ok(found.and_then(|(generation, sealed, rejected)| {
+            Some(StoredRecord {
+                generation: generation.parse().ok()?,
                 rejected: rejected == 1,
-            },
-            sealed,
-        )))
+                sealed,
+            })
+        }))
     }
 
     /// Who holds the lock now.

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cache::source::Category;
 use crate::secret::Secret;
 
 /// Domain separation for everything derived here: a new format gets a new
@@ -92,8 +93,8 @@ pub enum Event {
         /// backoff): a waiter believes the event only while that owner
         /// holds the lock, so a replayed one changes nothing.
         owner: String,
-        /// The category's name.
-        category: String,
+        /// Its category.
+        category: Category,
         /// Klavi's `Retry-After`, ms, if it sent one.
         retry_after_ms: Option<u64>,
     },

@@ -31,7 +31,7 @@ use super::member::{Held, Member, Sealing};
 use super::redis::{Redis, RedisDown};
 use super::sealed::{Event, Record};
 use crate::cache::policy::RefreshPolicy;
-use crate::cache::source::{Category, FetchError, TokenSource};
+use crate::cache::source::{FetchError, TokenSource};
 use crate::cache::token::Token;
 use crate::clock::{WallClock, unix_secs};
 use crate::secret::Secret;
@@ -150,8 +150,6 @@ impl<S: TokenSource> FleetSource<S> {
                     if let Some(Event::Failed { owner, category, retry_after_ms }) = event
                         && self.redis.lock_owner(&sealing.keys).await?.as_deref() == Some(owner.as_str())
                     {
-                        let category = Category::from_name(&category)
-                            .unwrap_or(Category::UpstreamUnavailable);
                         return Err(Failed::Fetch(FetchError::Fleet {
                             category,
                             retry_after: retry_after_ms.map(Duration::from_millis),
@@ -166,18 +164,22 @@ impl<S: TokenSource> FleetSource<S> {
 
     /// The record, if it may be adopted now.
     async fn adopt(&self, sealing: &Sealing) -> Result<Option<Token>, RedisDown> {
-        let Some((mut stored, sealed)) = self.redis.read(&sealing.keys).await? else {
+        let Some(found) = self.redis.read(&sealing.keys).await? else {
             return Ok(None);
         };
-        let Some(record) = sealing.key.open(&sealed) else {
+        let Some(record) = sealing.key.open(&found.sealed) else {
             // Another key pair's (rotated keys) or tampered with: absent.
             return Ok(None);
         };
-        if record.generation != stored.generation {
+        if record.generation != found.generation {
             return Ok(None);
         }
-        stored.expire_at = record.expire_at;
-        stored.issued_at_ms = record.issued_at_ms;
+        let stored = adopt::Stored {
+            generation: found.generation,
+            expire_at: record.expire_at,
+            issued_at_ms: record.issued_at_ms,
+            rejected: found.rejected,
+        };
         let now_ms = unix_ms(self.clock.now());
         let held = self.member.held();
         let Verdict::Adopt { lifetime, age } =
@@ -290,7 +292,7 @@ impl<S: TokenSource> FleetSource<S> {
                 let _ = self.redis.renew(&sealing.keys, owner, cooldown).await;
                 let event = Event::Failed {
                     owner: owner.to_string(),
-                    category: error.category().as_str().to_string(),
+                    category: error.category(),
                     retry_after_ms: error.retry_after().map(|d| d.as_millis() as u64),
                 };
                 if let Ok(sealed) = sealing.key.seal_event(&event) {
